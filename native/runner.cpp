@@ -1,0 +1,547 @@
+#include "runner.h"
+
+#include <algorithm>
+#include <chrono>
+#include <cmath>
+#include <cstring>
+#include <mutex>
+#include <random>
+#include <set>
+#include <stdexcept>
+#include <thread>
+
+#include "ggml-backend.h"
+#include "gguf.h"
+#include "llama.h"
+#include "mtmd.h"
+#include "token_embd.h"
+#include "vhr_core.h"
+
+namespace vhr {
+namespace {
+
+using Clock = std::chrono::steady_clock;
+
+double ms_since(Clock::time_point t0) {
+    return std::chrono::duration<double, std::milli>(Clock::now() - t0).count();
+}
+
+[[noreturn]] void fail(const std::string & msg) { throw std::runtime_error(msg); }
+
+// ---- logging: llama.cpp and libmtmd are quiet unless verbose; their last error is kept
+// so that a failed load can say why in one line.
+std::mutex g_log_mutex;
+std::string g_last_error;
+bool g_verbose = false;
+
+void log_callback(ggml_log_level level, const char * text, void *) {
+    std::lock_guard<std::mutex> lock(g_log_mutex);
+    if (level == GGML_LOG_LEVEL_ERROR) {
+        g_last_error = text;
+    } else if (level == GGML_LOG_LEVEL_CONT && !g_last_error.empty()) {
+        g_last_error += text;
+    }
+    if (g_verbose) fputs(text, stderr);
+}
+
+std::string take_last_error() {
+    std::lock_guard<std::mutex> lock(g_log_mutex);
+    std::string e = g_last_error;
+    g_last_error.clear();
+    while (!e.empty() && (e.back() == '\n' || e.back() == ' ')) e.pop_back();
+    std::replace(e.begin(), e.end(), '\n', ' ');
+    return e;
+}
+
+void init_backend_once(bool verbose) {
+    static std::once_flag once;
+    {
+        std::lock_guard<std::mutex> lock(g_log_mutex);
+        g_verbose = g_verbose || verbose;
+    }
+    std::call_once(once, [] {
+        llama_log_set(log_callback, nullptr);
+        mtmd_log_set(log_callback, nullptr);
+        llama_backend_init();
+    });
+}
+
+// ---- mmproj checks: is it a LLaVA-style vision projector at all?
+void check_mmproj(const std::string & path) {
+    gguf_init_params params = {/*no_alloc =*/ true, /*ctx =*/ nullptr};
+    std::unique_ptr<gguf_context, decltype(&gguf_free)> g(
+        gguf_init_from_file(path.c_str(), params), gguf_free);
+    if (!g) fail("cannot read mmproj " + path + ": not a GGUF file, or truncated");
+    auto get_str = [&](const char * key) -> std::string {
+        const int64_t k = gguf_find_key(g.get(), key);
+        return (k >= 0 && gguf_get_kv_type(g.get(), k) == GGUF_TYPE_STRING) ? gguf_get_val_str(g.get(), k) : "";
+    };
+    const std::string arch = get_str("general.architecture");
+    if (arch != "clip") fail("mmproj " + path + " has architecture '" + arch + "', expected 'clip'");
+    std::string proj = get_str("clip.vision.projector_type");
+    if (proj.empty()) proj = get_str("clip.projector_type");
+    static const std::set<std::string> llava_like = {"mlp", "mlp_norm", "ldp", "ldpv2"};
+    if (!llava_like.count(proj)) {
+        fail("mmproj " + path + " has projector '" + proj +
+             "', not a LLaVA-style projector (expected mlp, mlp_norm, ldp or ldpv2)");
+    }
+}
+
+// ---- the eval callback: VHR_SPEC sections 1-5 applied to kqv_out-<l>
+struct CallbackState {
+    enum class Phase { idle, prefill, decode };
+    Phase phase = Phase::idle;
+    int n_layer = 0, n_head = 0;
+    float alpha = 1.0f;
+    bool outlier_rule = true;
+    bool random_mode = false;
+    std::mt19937 rng;
+    std::vector<char> scored;                 // layers in the set (prefill)
+    std::map<int, std::vector<int>> forced;   // layers whose heads are given
+    std::vector<std::vector<int>> heads;      // selected heads per layer
+    int64_t col_img = -1, col_txt = -1;       // last positions of seq 0 / seq 1
+    std::vector<float> vhd, ta;               // n_layer * n_head
+    std::vector<float> scratch;
+    std::string error;
+
+    bool wants(int layer) const {
+        if (layer < 0 || layer >= n_layer) return false;
+        if (phase == Phase::prefill) return scored[layer];
+        if (phase == Phase::decode) return !heads[layer].empty();
+        return false;
+    }
+
+    void process(ggml_tensor * t, int layer) {
+        const int64_t n_rows = t->ne[0], n_cols = t->ne[1];
+        if (t->type != GGML_TYPE_F32 || n_rows % n_head != 0 || t->ne[2] != 1 || t->ne[3] != 1 ||
+            t->nb[0] != sizeof(float) || t->nb[1] != (size_t) n_rows * sizeof(float)) {
+            fail(std::string("unexpected layout of ") + t->name + " (need a contiguous F32 [n_embd, n_tokens])");
+        }
+        const int head_dim = (int) (n_rows / n_head);
+        const bool host = t->buffer == nullptr || ggml_backend_buffer_is_host(t->buffer);
+        float * data;
+        if (host) {
+            data = static_cast<float *>(t->data);
+        } else {
+            scratch.resize((size_t) ggml_nelements(t));
+            ggml_backend_tensor_get(t, scratch.data(), 0, ggml_nbytes(t));
+            data = scratch.data();
+        }
+        if (phase == Phase::prefill) {
+            if (col_img >= n_cols || col_txt >= n_cols) fail("prefill batch was split; raise n_ubatch");
+            const HeadScores s = score_heads(data + col_img * n_rows, data + col_txt * n_rows, n_head, head_dim);
+            std::copy(s.vhd.begin(), s.vhd.end(), vhd.begin() + (size_t) layer * n_head);
+            std::copy(s.ta.begin(), s.ta.end(), ta.begin() + (size_t) layer * n_head);
+            auto f = forced.find(layer);
+            if (f != forced.end()) {
+                heads[layer] = f->second;
+            } else {
+                heads[layer] = select_heads(s, outlier_rule);
+                if (random_mode) heads[layer] = random_heads((int) heads[layer].size(), n_head, rng);
+            }
+        }
+        scale_heads(data, n_cols, n_rows, heads[layer], head_dim, alpha);
+        if (!host) ggml_backend_tensor_set(t, data, 0, ggml_nbytes(t));
+    }
+};
+
+int kqv_out_layer(const char * name) {
+    static const char prefix[] = "kqv_out-";
+    if (std::strncmp(name, prefix, sizeof(prefix) - 1) != 0) return -1;
+    const char * p = name + sizeof(prefix) - 1;
+    if (*p == '\0') return -1;
+    int layer = 0;
+    for (; *p; ++p) {
+        if (*p < '0' || *p > '9') return -1;
+        layer = layer * 10 + (*p - '0');
+    }
+    return layer;
+}
+
+bool eval_callback(ggml_tensor * t, bool ask, void * user_data) {
+    auto * s = static_cast<CallbackState *>(user_data);
+    const int layer = kqv_out_layer(t->name);
+    const bool wanted = s->error.empty() && s->wants(layer);
+    if (ask) return wanted;
+    if (!wanted) return true;
+    try {
+        s->process(t, layer);
+    } catch (const std::exception & e) {
+        s->error = e.what();
+        return false;  // stops the graph; caption() reports the error
+    }
+    return true;
+}
+
+struct Sampler {
+    llama_sampler * chain;
+    explicit Sampler(const GenParams & g) {
+        chain = llama_sampler_chain_init(llama_sampler_chain_default_params());
+        if (g.temp <= 0.0f) {
+            llama_sampler_chain_add(chain, llama_sampler_init_greedy());
+        } else {
+            if (g.top_k > 0) llama_sampler_chain_add(chain, llama_sampler_init_top_k(g.top_k));
+            if (g.top_p < 1.0f) llama_sampler_chain_add(chain, llama_sampler_init_top_p(g.top_p, 1));
+            llama_sampler_chain_add(chain, llama_sampler_init_temp(g.temp));
+            llama_sampler_chain_add(chain, llama_sampler_init_dist(g.seed));
+        }
+    }
+    ~Sampler() { llama_sampler_free(chain); }
+    llama_token sample(llama_context * ctx, int32_t idx) { return llama_sampler_sample(chain, ctx, idx); }
+};
+
+struct Batch {
+    llama_batch b;
+    Batch(int32_t n, int32_t n_embd, int32_t n_seq) : b(llama_batch_init(n, n_embd, n_seq)) {}
+    ~Batch() { llama_batch_free(b); }
+};
+
+}  // namespace
+
+// ---------------------------------------------------------------------------------------
+
+struct Runner::Impl {
+    RunnerParams p;
+    llama_model * model = nullptr;
+    const llama_vocab * vocab = nullptr;
+    mtmd_context * mtmd = nullptr;
+    std::unique_ptr<TokenEmbeddings> embd;
+    int n_layer = 0, n_head = 0, n_embd = 0;
+    llama_context * ctx_vhr = nullptr;    // created with the eval callback
+    llama_context * ctx_plain = nullptr;  // created without any callback (--no-vhr)
+    int ubatch_vhr = 0, ubatch_plain = 0;
+    CallbackState cb;
+    std::mutex busy;
+
+    ~Impl() {
+        if (ctx_vhr) llama_free(ctx_vhr);
+        if (ctx_plain) llama_free(ctx_plain);
+        if (mtmd) mtmd_free(mtmd);
+        if (model) llama_model_free(model);
+    }
+
+    int n_threads() const {
+        return p.n_threads > 0 ? p.n_threads : (int) std::max(1u, std::thread::hardware_concurrency());
+    }
+
+    llama_context * context_for(bool with_callback, int rows) {
+        llama_context *& ctx = with_callback ? ctx_vhr : ctx_plain;
+        int & ubatch = with_callback ? ubatch_vhr : ubatch_plain;
+        if (ctx && ubatch >= rows) return ctx;
+        if (ctx) llama_free(ctx);
+        ctx = nullptr;
+        ubatch = std::min(p.n_ctx, (rows + 63) / 64 * 64);
+        llama_context_params cp = llama_context_default_params();
+        cp.n_ctx = (uint32_t) p.n_ctx;
+        cp.n_batch = cp.n_ubatch = (uint32_t) ubatch;
+        cp.n_seq_max = with_callback ? 2 : 1;
+        cp.kv_unified = true;
+        cp.type_k = cp.type_v = GGML_TYPE_F16;
+        cp.n_threads = cp.n_threads_batch = n_threads();
+        cp.flash_attn_type = p.flash_attn < 0 ? LLAMA_FLASH_ATTN_TYPE_AUTO
+                           : p.flash_attn ? LLAMA_FLASH_ATTN_TYPE_ENABLED : LLAMA_FLASH_ATTN_TYPE_DISABLED;
+        cp.no_perf = true;
+        cp.cb_eval = with_callback ? eval_callback : nullptr;
+        cp.cb_eval_user_data = with_callback ? &cb : nullptr;
+        ctx = llama_init_from_model(model, cp);
+        if (!ctx) fail("cannot create a llama.cpp context (n_ctx " + std::to_string(p.n_ctx) + "): " + take_last_error());
+        return ctx;
+    }
+
+    void prepare_callback(const VhrParams & v) {
+        cb.phase = CallbackState::Phase::idle;
+        cb.n_layer = n_layer;
+        cb.n_head = n_head;
+        cb.alpha = v.alpha;
+        cb.outlier_rule = v.outlier_rule;
+        cb.random_mode = v.head_mode == "random";
+        cb.rng.seed(v.random_seed);
+        cb.forced = v.forced_heads;
+        cb.scored.assign(n_layer, 0);
+        for (int l : v.layers) cb.scored[l] = 1;
+        for (const auto & kv : v.forced_heads) cb.scored[kv.first] = 1;
+        cb.heads.assign(n_layer, {});
+        cb.vhd.assign((size_t) n_layer * n_head, 0.0f);
+        cb.ta.assign((size_t) n_layer * n_head, 0.0f);
+        cb.error.clear();
+    }
+
+    void validate(VhrParams & v, const GenParams & g) const {
+        if (g.n_predict < 1) fail("n_predict must be at least 1");
+        if (!v.enabled) return;
+        if (!(v.alpha > 0.0f) || !std::isfinite(v.alpha)) fail("alpha must be a finite number > 0");
+        if (v.head_mode != "vhd" && v.head_mode != "random") fail("head_mode must be 'vhd' or 'random'");
+        if (v.layers.empty()) v.layers = auto_layers(n_layer);
+        for (int l : v.layers) {
+            if (l < 0 || l >= n_layer) {
+                fail("layer " + std::to_string(l) + " is outside the model (layers 0.." + std::to_string(n_layer - 1) + ")");
+            }
+        }
+        std::sort(v.layers.begin(), v.layers.end());
+        v.layers.erase(std::unique(v.layers.begin(), v.layers.end()), v.layers.end());
+        for (const auto & kv : v.forced_heads) {
+            if (kv.first < 0 || kv.first >= n_layer) fail("forced layer " + std::to_string(kv.first) + " is outside the model");
+            for (int h : kv.second) {
+                if (h < 0 || h >= n_head) fail("forced head " + std::to_string(h) + " is outside 0.." + std::to_string(n_head - 1));
+            }
+        }
+    }
+};
+
+Runner::Runner(const RunnerParams & params) : impl_(new Impl) {
+    Impl & m = *impl_;
+    m.p = params;
+    if (m.p.n_ctx < 64) fail("n_ctx must be at least 64");
+    init_backend_once(params.verbose);
+
+    check_mmproj(params.mmproj_path);
+
+    llama_model_params mp = llama_model_default_params();
+    mp.n_gpu_layers = params.n_gpu_layers;
+    m.model = llama_model_load_from_file(params.model_path.c_str(), mp);
+    if (!m.model) fail("cannot load text model " + params.model_path + ": " + take_last_error());
+
+    char arch[64] = {0};
+    llama_model_meta_val_str(m.model, "general.architecture", arch, sizeof(arch));
+    if (std::string(arch) != "llama") {
+        fail("text model " + params.model_path + " has architecture '" + arch +
+             "'; vhr-edge runs LLaVA-style models with a llama decoder");
+    }
+    m.vocab = llama_model_get_vocab(m.model);
+    m.n_layer = llama_model_n_layer(m.model);
+    m.n_head = llama_model_n_head(m.model);
+    m.n_embd = llama_model_n_embd_inp(m.model);
+
+    m.embd.reset(new TokenEmbeddings(params.model_path));
+    if (m.embd->n_embd() != m.n_embd || m.embd->n_vocab() != llama_vocab_n_tokens(m.vocab)) {
+        fail("token_embd.weight of " + params.model_path + " does not match the model's width or vocabulary");
+    }
+
+    mtmd_context_params cp = mtmd_context_params_default();
+    cp.use_gpu = params.n_gpu_layers != 0;
+    cp.n_threads = m.n_threads();
+    cp.print_timings = false;
+    cp.warmup = false;
+    m.mtmd = mtmd_init_from_file(params.mmproj_path.c_str(), m.model, cp);
+    if (!m.mtmd) fail("cannot load mmproj " + params.mmproj_path + ": " + take_last_error());
+    if (!mtmd_support_vision(m.mtmd)) fail("mmproj " + params.mmproj_path + " has no vision encoder");
+    if (mtmd_decode_use_mrope(m.mtmd)) fail("mmproj " + params.mmproj_path + " needs M-RoPE; not a LLaVA-style model");
+}
+
+Runner::~Runner() = default;
+
+const char * Runner::default_template() {
+    return "A chat between a curious human and an artificial intelligence assistant. "
+           "The assistant gives helpful, detailed, and polite answers to the human's questions. "
+           "USER: <image>\n{prompt} ASSISTANT:";
+}
+
+ModelInfo Runner::info() const {
+    const Impl & m = *impl_;
+    ModelInfo i;
+    char buf[256] = {0};
+    llama_model_meta_val_str(m.model, "general.architecture", buf, sizeof(buf));
+    i.arch = buf;
+    llama_model_desc(m.model, buf, sizeof(buf));
+    i.desc = buf;
+    i.n_layer = m.n_layer;
+    i.n_head = m.n_head;
+    i.n_head_kv = llama_model_n_head_kv(m.model);
+    i.n_embd = llama_model_n_embd(m.model);
+    i.head_dim = i.n_embd / std::max(1, i.n_head);
+    i.n_vocab = llama_vocab_n_tokens(m.vocab);
+    i.n_ctx_train = llama_model_n_ctx_train(m.model);
+    i.n_ctx = m.p.n_ctx;
+    i.n_params = llama_model_n_params(m.model);
+    i.size_bytes = llama_model_size(m.model);
+    return i;
+}
+
+Result Runner::caption(const RgbImage & image, const std::string & prompt,
+                       const std::string & prompt_template, const GenParams & gen,
+                       const VhrParams & vhr_in) {
+    Impl & m = *impl_;
+    std::lock_guard<std::mutex> lock(m.busy);
+    const auto t_start = Clock::now();
+    VhrParams vhr = vhr_in;
+    m.validate(vhr, gen);
+
+    // ---- prompt text: the template with the media marker and the instruction filled in
+    const std::string image_tag = "<image>";
+    const size_t at = prompt_template.find(image_tag);
+    if (at == std::string::npos || prompt_template.find(image_tag, at + 1) != std::string::npos) {
+        fail("the prompt template must contain \"<image>\" exactly once");
+    }
+    std::string text = prompt_template.substr(0, at) + mtmd_default_marker() + prompt_template.substr(at + image_tag.size());
+    const size_t pp = text.find("{prompt}");
+    if (pp != std::string::npos) text.replace(pp, 8, prompt);
+
+    // ---- tokenize: [text chunk] [image chunk] [text chunk]
+    if (image.nx == 0 || image.ny == 0 || image.data == nullptr) fail("empty image");
+    std::unique_ptr<mtmd_bitmap, decltype(&mtmd_bitmap_free)> bitmap(
+        mtmd_bitmap_init(image.nx, image.ny, image.data), mtmd_bitmap_free);
+    std::unique_ptr<mtmd_input_chunks, decltype(&mtmd_input_chunks_free)> chunks(
+        mtmd_input_chunks_init(), mtmd_input_chunks_free);
+    mtmd_input_text in_text = {text.c_str(), text.size(), /*add_special =*/ true, /*parse_special =*/ true};
+    const mtmd_bitmap * bitmaps[] = {bitmap.get()};
+    if (mtmd_tokenize(m.mtmd, chunks.get(), &in_text, bitmaps, 1) != 0) {
+        fail("libmtmd could not tokenize the prompt with the image: " + take_last_error());
+    }
+    std::vector<llama_token> prefix, suffix;
+    const mtmd_input_chunk * image_chunk = nullptr;
+    for (size_t i = 0; i < mtmd_input_chunks_size(chunks.get()); ++i) {
+        const mtmd_input_chunk * c = mtmd_input_chunks_get(chunks.get(), i);
+        const auto type = mtmd_input_chunk_get_type(c);
+        if (type == MTMD_INPUT_CHUNK_TYPE_TEXT) {
+            size_t n = 0;
+            const llama_token * toks = mtmd_input_chunk_get_tokens_text(c, &n);
+            (image_chunk ? suffix : prefix).insert((image_chunk ? suffix : prefix).end(), toks, toks + n);
+        } else if (type == MTMD_INPUT_CHUNK_TYPE_IMAGE && !image_chunk) {
+            image_chunk = c;
+        } else {
+            fail("the prompt must produce exactly one image chunk");
+        }
+    }
+    if (!image_chunk) fail("libmtmd produced no image chunk");
+    if (mtmd_decode_use_non_causal(m.mtmd, image_chunk)) fail("this mmproj needs non-causal image attention; not LLaVA-style");
+    if (prefix.empty()) fail("the prompt needs at least one token before the image (BOS)");
+
+    // ---- image rows
+    Result r;
+    auto t0 = Clock::now();
+    if (mtmd_encode_chunk(m.mtmd, image_chunk) != 0) fail("libmtmd failed to encode the image: " + take_last_error());
+    r.timings.image_encode_ms = ms_since(t0);
+    const int64_t P = (int64_t) prefix.size(), S = (int64_t) suffix.size();
+    const int64_t I = (int64_t) mtmd_input_chunk_get_n_tokens(image_chunk);
+    const float * img = mtmd_get_output_embd(m.mtmd);
+    r.timings.n_image_tokens = (int) I;
+
+    // ---- one embedding batch: shared prefix (seq 0+1), image + instruction (seq 0), instruction (seq 1)
+    t0 = Clock::now();
+    const bool two = vhr.enabled;
+    const int64_t n_rows = P + I + S + (two ? S : 0);
+    const int64_t seq0_len = P + I + S;
+    if (n_rows > m.p.n_ctx) {
+        fail("the prompt needs " + std::to_string(n_rows) + " positions (" + std::to_string(I) +
+             " image tokens) but the context holds " + std::to_string(m.p.n_ctx) + "; raise -c/--ctx-size");
+    }
+    llama_context * ctx = m.context_for(two, (int) n_rows);
+    llama_memory_clear(llama_get_memory(ctx), true);
+
+    Batch batch((int32_t) n_rows, m.n_embd, 2);
+    llama_batch & b = batch.b;
+    b.n_tokens = (int32_t) n_rows;
+    auto put = [&](int64_t row, const float * e, llama_pos pos, bool both) {
+        if (e) std::memcpy(b.embd + row * m.n_embd, e, sizeof(float) * m.n_embd);
+        else   std::memset(b.embd + row * m.n_embd, 0, sizeof(float) * m.n_embd);
+        b.pos[row] = pos;
+        b.n_seq_id[row] = both ? 2 : 1;
+        b.seq_id[row][0] = 0;
+        if (both) b.seq_id[row][1] = 1;
+        b.logits[row] = 0;
+    };
+    int64_t row = 0;
+    for (int64_t i = 0; i < P; ++i, ++row) {
+        put(row, nullptr, (llama_pos) i, two);
+        m.embd->row(prefix[i], b.embd + row * m.n_embd);
+    }
+    for (int64_t i = 0; i < I; ++i, ++row) put(row, img + i * m.n_embd, (llama_pos) (P + i), false);
+    for (int64_t i = 0; i < S; ++i, ++row) {
+        put(row, nullptr, (llama_pos) (P + I + i), false);
+        m.embd->row(suffix[i], b.embd + row * m.n_embd);
+    }
+    if (two) {
+        for (int64_t i = 0; i < S; ++i, ++row) {
+            put(row, nullptr, (llama_pos) (P + i), false);
+            b.seq_id[row][0] = 1;
+            m.embd->row(suffix[i], b.embd + row * m.n_embd);
+        }
+    }
+    const int64_t col_img = seq0_len - 1;
+    const int64_t col_txt = S > 0 ? n_rows - 1 : P - 1;
+    b.logits[col_img] = 1;
+    if (two) b.logits[col_txt] = 1;
+
+    if (two) {
+        m.prepare_callback(vhr);
+        m.cb.col_img = col_img;
+        m.cb.col_txt = col_txt;
+        m.cb.phase = CallbackState::Phase::prefill;
+    }
+    const int32_t rc = llama_decode(ctx, b);
+    if (rc != 0) fail("llama_decode failed on the prefill (code " + std::to_string(rc) + ") " + take_last_error());
+    if (two && !m.cb.error.empty()) fail("VHR callback: " + m.cb.error);
+    r.timings.n_prompt_rows = (int) n_rows;
+
+    // ---- first token, then drop the text-only sequence
+    Sampler sampler(gen);
+    if (gen.keep_logits) {
+        const float * lg = llama_get_logits_ith(ctx, (int32_t) col_img);
+        r.first_logits.assign(lg, lg + llama_vocab_n_tokens(m.vocab));
+    }
+    llama_token tok = sampler.sample(ctx, (int32_t) col_img);
+    if (two) {
+        llama_memory_seq_rm(llama_get_memory(ctx), 1, -1, -1);
+        m.cb.phase = CallbackState::Phase::decode;
+    }
+    r.timings.prefill_ms = ms_since(t0);
+
+    // ---- decode seq 0 token by token; the callback scales the selected heads each step
+    t0 = Clock::now();
+    Batch one(1, 0, 1);
+    llama_pos pos = (llama_pos) seq0_len;
+    r.stop_reason = "length";
+    while (true) {
+        if (!gen.ignore_eos && llama_vocab_is_eog(m.vocab, tok)) { r.stop_reason = "eos"; break; }
+        r.tokens.push_back(tok);
+        if ((int) r.tokens.size() >= gen.n_predict) break;
+        if (pos >= m.p.n_ctx) { r.stop_reason = "context"; break; }
+        one.b.n_tokens = 1;
+        one.b.token[0] = tok;
+        one.b.pos[0] = pos++;
+        one.b.n_seq_id[0] = 1;
+        one.b.seq_id[0][0] = 0;
+        one.b.logits[0] = 1;
+        const int32_t rc2 = llama_decode(ctx, one.b);
+        if (rc2 != 0) fail("llama_decode failed while decoding (code " + std::to_string(rc2) + ")");
+        if (two && !m.cb.error.empty()) fail("VHR callback: " + m.cb.error);
+        tok = sampler.sample(ctx, -1);
+        r.timings.n_decoded++;
+    }
+    r.timings.decode_ms = ms_since(t0);
+    r.timings.tokens_per_s = r.timings.decode_ms > 0 ? 1000.0 * r.timings.n_decoded / r.timings.decode_ms : 0.0;
+    if (two) m.cb.phase = CallbackState::Phase::idle;
+
+    // ---- text
+    std::string out(r.tokens.size() * 16 + 16, '\0');
+    int32_t n = llama_detokenize(m.vocab, r.tokens.data(), (int32_t) r.tokens.size(), &out[0], (int32_t) out.size(),
+                                 /*remove_special =*/ true, /*unparse_special =*/ false);
+    if (n < 0) {
+        out.resize((size_t) -n);
+        n = llama_detokenize(m.vocab, r.tokens.data(), (int32_t) r.tokens.size(), &out[0], (int32_t) out.size(), true, false);
+    }
+    out.resize((size_t) std::max(n, 0));
+    const size_t first = out.find_first_not_of(" \n\t");
+    const size_t last = out.find_last_not_of(" \n\t");
+    r.text = first == std::string::npos ? "" : out.substr(first, last - first + 1);
+
+    r.n_layer = m.n_layer;
+    r.n_head = m.n_head;
+    if (two) {
+        r.layers = vhr.layers;
+        for (const auto & kv : vhr.forced_heads) {
+            if (!std::count(r.layers.begin(), r.layers.end(), kv.first)) r.layers.push_back(kv.first);
+        }
+        std::sort(r.layers.begin(), r.layers.end());
+        for (int l : r.layers) r.selected_heads[l] = m.cb.heads[l];
+        r.vhd = m.cb.vhd;
+        r.ta = m.cb.ta;
+    } else {
+        r.vhd.assign((size_t) m.n_layer * m.n_head, 0.0f);
+        r.ta = r.vhd;
+    }
+    r.timings.total_ms = ms_since(t_start);
+    return r;
+}
+
+}  // namespace vhr

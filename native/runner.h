@@ -1,0 +1,111 @@
+// runner: drives llama.cpp + libmtmd to caption one image with VHR (VHR_SPEC.md 4-5).
+//
+//   image --libmtmd--> image rows ─┐
+//   prompt tokens --token_embd---> text rows ─┴─> ONE embedding batch:
+//       [shared prefix: seq 0+1][image: seq 0][instruction: seq 0][instruction: seq 1]
+//   eval callback on kqv_out-<l>: score VHD/TA at the two last positions, select heads,
+//   scale them in place in every column, continue -> drop seq 1 -> decode seq 0 with the
+//   same heads scaled for every new token.
+#pragma once
+
+#include <cstdint>
+#include <map>
+#include <memory>
+#include <string>
+#include <vector>
+
+struct llama_model;
+struct llama_context;
+struct mtmd_context;
+
+namespace vhr {
+
+class TokenEmbeddings;
+
+struct RunnerParams {
+    std::string model_path;
+    std::string mmproj_path;
+    int  n_threads    = 0;     // <= 0: all hardware threads
+    int  n_gpu_layers = 0;     // llama.cpp -ngl; -1 = all
+    int  n_ctx        = 2048;  // positions shared by both sequences during the prefill
+    int  flash_attn   = -1;    // -1 auto, 0 off, 1 on
+    bool verbose      = false; // let llama.cpp / libmtmd log to stderr
+};
+
+struct VhrParams {
+    bool  enabled      = true;   // false: no callback at all (the baseline)
+    float alpha        = 2.0f;
+    std::vector<int> layers;     // empty: auto_layers(n_layer)
+    bool  outlier_rule = true;
+    // "vhd": heads above the median VHD; "random": as many heads per layer as "vhd" would
+    // pick, drawn at random (the control).
+    std::string head_mode = "vhd";
+    uint32_t random_seed  = 0;
+    // Layers listed here use these heads instead of being scored (tests, profiles).
+    std::map<int, std::vector<int>> forced_heads;
+};
+
+struct GenParams {
+    int      n_predict   = 512;
+    float    temp        = 0.0f;  // <= 0: greedy
+    int      top_k       = 40;
+    float    top_p       = 0.95f;
+    uint32_t seed        = 0;
+    bool     ignore_eos  = false;
+    bool     keep_logits = false; // return the logits that chose the first token
+};
+
+struct Timings {
+    double image_encode_ms = 0, prefill_ms = 0, decode_ms = 0, total_ms = 0;
+    int    n_prompt_rows = 0;  // rows in the prefill batch (both sequences)
+    int    n_image_tokens = 0;
+    int    n_decoded = 0;      // tokens generated after the first one
+    double tokens_per_s = 0;   // n_decoded / decode time
+};
+
+struct Result {
+    std::string text;
+    std::vector<int32_t> tokens;
+    std::string stop_reason;             // "eos", "length", "context"
+    int n_layer = 0, n_head = 0;
+    std::vector<int> layers;             // the VHR layer set (empty when disabled)
+    std::map<int, std::vector<int>> selected_heads;
+    std::vector<float> vhd, ta;          // n_layer * n_head, row-major; zero rows unscored
+    std::vector<float> first_logits;     // when GenParams::keep_logits
+    Timings timings;
+};
+
+struct ModelInfo {
+    std::string arch, desc;
+    int n_layer = 0, n_head = 0, n_head_kv = 0, n_embd = 0, head_dim = 0, n_vocab = 0;
+    int n_ctx_train = 0, n_ctx = 0;
+    uint64_t n_params = 0, size_bytes = 0;
+};
+
+struct RgbImage {
+    const uint8_t * data;  // ny rows of nx RGB pixels
+    uint32_t nx, ny;
+};
+
+class Runner {
+public:
+    explicit Runner(const RunnerParams & params);  // throws std::runtime_error
+    ~Runner();
+    Runner(const Runner &) = delete;
+    Runner & operator=(const Runner &) = delete;
+
+    // prompt_template holds "<image>" once and "{prompt}" at most once.
+    Result caption(const RgbImage & image, const std::string & prompt,
+                   const std::string & prompt_template, const GenParams & gen,
+                   const VhrParams & vhr);
+
+    ModelInfo info() const;
+
+    static const char * default_template();
+
+private:
+    struct Impl;
+    std::unique_ptr<Impl> impl_;
+};
+
+}  // namespace vhr

@@ -1,0 +1,115 @@
+#include "vhr_core.h"
+
+#include <algorithm>
+#include <cmath>
+#include <numeric>
+#include <set>
+
+namespace vhr {
+
+HeadScores score_heads(const float * col_img, const float * col_txt, int n_head, int head_dim) {
+    HeadScores s;
+    s.vhd.resize(n_head);
+    s.ta.resize(n_head);
+    for (int h = 0; h < n_head; ++h) {
+        const float * a = col_img + (int64_t) h * head_dim;
+        const float * b = col_txt + (int64_t) h * head_dim;
+        double d2 = 0.0, t2 = 0.0;
+        for (int j = 0; j < head_dim; ++j) {
+            const double d = (double) a[j] - (double) b[j];
+            d2 += d * d;
+            t2 += (double) b[j] * (double) b[j];
+        }
+        s.vhd[h] = (float) std::sqrt(d2);
+        s.ta[h]  = (float) t2;
+    }
+    return s;
+}
+
+namespace {
+
+struct MeanStd { double mean, std; };
+
+MeanStd mean_std(const std::vector<float> & v) {
+    if (v.empty()) return {0.0, 0.0};
+    double mean = 0.0;
+    for (float x : v) mean += x;
+    mean /= (double) v.size();
+    double var = 0.0;
+    for (float x : v) var += ((double) x - mean) * ((double) x - mean);
+    return {mean, std::sqrt(var / (double) v.size())};  // population std
+}
+
+double median(std::vector<float> v) {
+    const size_t n = v.size();
+    std::sort(v.begin(), v.end());
+    return n % 2 ? (double) v[n / 2] : 0.5 * ((double) v[n / 2 - 1] + (double) v[n / 2]);
+}
+
+}  // namespace
+
+std::vector<int> outlier_heads(const std::vector<float> & vhd, const std::vector<float> & ta) {
+    const MeanStd v = mean_std(vhd);
+    const MeanStd t = mean_std(ta);
+    std::vector<int> out;
+    for (size_t h = 0; h < vhd.size(); ++h) {
+        if ((double) vhd[h] > v.mean + v.std && (double) ta[h] > t.mean + t.std) {
+            out.push_back((int) h);
+        }
+    }
+    return out;
+}
+
+std::vector<int> select_heads(const HeadScores & scores, bool outlier_rule) {
+    std::vector<float> vhd = scores.vhd;
+    if (vhd.empty()) return {};
+    if (outlier_rule) {
+        for (int h : outlier_heads(scores.vhd, scores.ta)) vhd[h] = 0.0f;
+    }
+    const double med = median(vhd);
+    std::vector<int> heads;
+    for (size_t h = 0; h < vhd.size(); ++h) {
+        if ((double) vhd[h] > med) heads.push_back((int) h);
+    }
+    return heads;
+}
+
+std::vector<int> random_heads(int count, int n_head, std::mt19937 & rng) {
+    std::vector<int> all(n_head);
+    std::iota(all.begin(), all.end(), 0);
+    std::shuffle(all.begin(), all.end(), rng);
+    all.resize(std::max(0, std::min(count, n_head)));
+    std::sort(all.begin(), all.end());
+    return all;
+}
+
+void scale_heads(float * data, int64_t n_cols, int64_t col_stride,
+                 const std::vector<int> & heads, int head_dim, float alpha) {
+    for (int64_t c = 0; c < n_cols; ++c) {
+        float * col = data + c * col_stride;
+        for (int h : heads) {
+            float * p = col + (int64_t) h * head_dim;
+            for (int j = 0; j < head_dim; ++j) p[j] *= alpha;
+        }
+    }
+}
+
+std::vector<int> auto_layers(int n_layer) {
+    const int n_last = (int) std::lround(14.0 * n_layer / 32.0);
+    std::set<int> layers;
+    if (n_layer > 1) layers.insert(1);
+    for (int l = std::max(0, n_layer - n_last); l < n_layer; ++l) layers.insert(l);
+    return {layers.begin(), layers.end()};
+}
+
+double t_vhd(const std::vector<std::vector<float>> & vhd_rows, int k) {
+    double total = 0.0;
+    for (std::vector<float> row : vhd_rows) {
+        const size_t kk = std::min<size_t>((size_t) std::max(k, 0), row.size());
+        std::partial_sort(row.begin(), row.begin() + kk, row.end(), std::greater<float>());
+        for (size_t i = 0; i < kk; ++i) total += row[i];
+    }
+    return total;
+}
+
+}  // namespace vhr

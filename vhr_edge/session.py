@@ -1,0 +1,246 @@
+"""Session: one text model + mmproj loaded once, many images captioned with (or without) VHR.
+
+    from vhr_edge import Session
+    with Session("model.gguf", "mmproj.gguf") as s:
+        r = s.caption("kitchen.jpg")                 # VHR, alpha 2, layers auto
+        print(r.text, r.vhr.selected_heads, r.timings.tokens_per_s)
+        base = s.caption(frame_array, vhr=False)     # the same runner, no callback
+
+Each caption clears the KV cache first, so nothing leaks from one image to the next.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import threading
+import time
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Optional, Union
+
+import numpy as np
+
+from . import DEFAULT_PROMPT
+from .engine import load as load_engine
+from .errors import ConfigError, ModelError, VhrEdgeError
+from .images import ImageSource, describe, load_image
+from .layers import parse_layers
+
+
+@dataclass
+class VhrConfig:
+    """How heads are reinforced (VHR_SPEC sections 2-3)."""
+
+    enabled: bool = True
+    alpha: float = 2.0
+    layers: Union[str, list[int], None] = "auto"  # "auto", "all", "1,18-31" or a list
+    outlier_rule: bool = True
+    head_mode: str = "vhd"  # "vhd" or "random" (the same number of random heads: a control)
+    random_seed: int = 0
+    forced_heads: Optional[dict[int, list[int]]] = None  # layer -> heads, bypassing VHD
+
+
+@dataclass
+class GenerationConfig:
+    n_predict: int = 512  # maximum new tokens
+    temp: float = 0.0  # <= 0: greedy
+    top_k: int = 40
+    top_p: float = 0.95
+    seed: int = 0
+    ignore_eos: bool = False  # generate exactly n_predict tokens (benchmarks)
+
+
+@dataclass
+class Timings:
+    image_encode_ms: float
+    prefill_ms: float
+    decode_ms: float
+    total_ms: float
+    n_prompt_rows: int
+    n_image_tokens: int
+    n_decoded: int
+    tokens_per_s: float
+    image_load_ms: float = 0.0
+
+
+@dataclass
+class VhrReport:
+    enabled: bool
+    alpha: Optional[float]
+    layers: list[int]
+    selected_heads: dict[int, list[int]]
+    vhd: np.ndarray  # n_layer x n_head; zero rows for layers not scored
+    ta: np.ndarray  # n_layer x n_head
+
+
+@dataclass
+class CaptionResult:
+    image: str
+    text: str
+    tokens: list[int]
+    stop_reason: str  # "eos", "length" or "context"
+    vhr: VhrReport
+    timings: Timings
+    first_logits: Optional[np.ndarray] = field(default=None, repr=False)
+
+    @property
+    def n_tokens(self) -> int:
+        return len(self.tokens)
+
+    def to_json(self, include_matrices: bool = True) -> dict:
+        """The `vhr-edge caption --json` object."""
+        v = self.vhr
+        out = {
+            "image": self.image,
+            "text": self.text,
+            "n_tokens": self.n_tokens,
+            "stop_reason": self.stop_reason,
+            "vhr": {
+                "enabled": v.enabled,
+                "alpha": v.alpha,
+                "layers": v.layers,
+                "selected_heads": {str(k): list(h) for k, h in v.selected_heads.items()},
+            },
+            "timings": asdict(self.timings),
+        }
+        if include_matrices:
+            out["vhr"]["vhd"] = np.round(v.vhd.astype(np.float64), 6).tolist()
+            out["vhr"]["ta"] = np.round(v.ta.astype(np.float64), 6).tolist()
+        return out
+
+
+def _check_file(path: Union[str, os.PathLike, None], what: str) -> str:
+    if path is None:
+        raise ModelError(f"no {what} given")
+    p = Path(path)
+    if not p.exists():
+        raise ModelError(f"{what} not found: {p}")
+    if not p.is_file():
+        raise ModelError(f"{what} is not a file: {p}")
+    with open(p, "rb") as f:
+        magic = f.read(4)
+    if magic != b"GGUF":
+        raise ModelError(f"{what} {p} is not a GGUF file")
+    return str(p)
+
+
+class Session:
+    """A loaded model pair. Thread-safe: captions run one at a time."""
+
+    def __init__(
+        self,
+        model: Union[str, os.PathLike],
+        mmproj: Union[str, os.PathLike],
+        *,
+        n_threads: int = 0,
+        n_gpu_layers: int = 0,
+        n_ctx: int = 2048,
+        flash_attn: Optional[bool] = None,
+        verbose: bool = False,
+        prompt_template: Optional[str] = None,
+    ):
+        self._engine = load_engine()
+        self.model_path = _check_file(model, "model")
+        self.mmproj_path = _check_file(mmproj, "mmproj")
+        fa = -1 if flash_attn is None else int(bool(flash_attn))
+        try:
+            self._runner = self._engine.Runner(
+                self.model_path, self.mmproj_path, n_threads=n_threads, n_gpu_layers=n_gpu_layers,
+                n_ctx=n_ctx, flash_attn=fa, verbose=verbose,
+            )
+        except self._engine.EngineError as e:
+            raise ModelError(str(e)) from None
+        self.prompt_template = prompt_template or self._engine.DEFAULT_TEMPLATE
+        self.info = self._runner.info()
+        self._lock = threading.Lock()
+
+    @property
+    def n_layer(self) -> int:
+        return self.info.n_layer
+
+    @property
+    def n_head(self) -> int:
+        return self.info.n_head
+
+    def caption(
+        self,
+        image: ImageSource,
+        prompt: str = DEFAULT_PROMPT,
+        *,
+        vhr: Union[VhrConfig, bool, None] = None,
+        gen: Optional[GenerationConfig] = None,
+        keep_logits: bool = False,
+        **overrides,
+    ) -> CaptionResult:
+        """Caption one image. `overrides` set fields of VhrConfig / GenerationConfig by name
+        (alpha=3, layers="1,4-7", n_predict=64, temp=0.7 ...)."""
+        vcfg = vhr if isinstance(vhr, VhrConfig) else VhrConfig(enabled=vhr is not False)
+        gcfg = gen or GenerationConfig()
+        vkeys = {k: v for k, v in overrides.items() if k in VhrConfig.__dataclass_fields__}
+        gkeys = {k: v for k, v in overrides.items() if k in GenerationConfig.__dataclass_fields__}
+        unknown = set(overrides) - set(vkeys) - set(gkeys)
+        if unknown:
+            raise TypeError(f"unknown caption option(s): {', '.join(sorted(unknown))}")
+        vcfg, gcfg = replace(vcfg, **vkeys), replace(gcfg, **gkeys)
+        self._validate(vcfg, gcfg)
+        layers = parse_layers(vcfg.layers, self.n_layer) if vcfg.enabled else []
+
+        t0 = time.perf_counter()
+        rgb = load_image(image)
+        load_ms = (time.perf_counter() - t0) * 1000.0
+        with self._lock:
+            try:
+                raw = self._runner.caption(
+                    rgb, prompt, self.prompt_template,
+                    n_predict=gcfg.n_predict, temp=gcfg.temp, top_k=gcfg.top_k, top_p=gcfg.top_p,
+                    seed=gcfg.seed, ignore_eos=gcfg.ignore_eos, keep_logits=keep_logits,
+                    vhr=vcfg.enabled, alpha=vcfg.alpha, layers=layers, outlier_rule=vcfg.outlier_rule,
+                    head_mode=vcfg.head_mode, random_seed=vcfg.random_seed,
+                    forced_heads={int(k): list(v) for k, v in (vcfg.forced_heads or {}).items()},
+                )
+            except self._engine.EngineError as e:
+                raise VhrEdgeError(str(e)) from None
+        return CaptionResult(
+            image=describe(image),
+            text=raw["text"],
+            tokens=list(raw["tokens"]),
+            stop_reason=raw["stop_reason"],
+            vhr=VhrReport(
+                enabled=vcfg.enabled,
+                alpha=vcfg.alpha if vcfg.enabled else None,
+                layers=list(raw["layers"]),
+                selected_heads={int(k): list(v) for k, v in raw["selected_heads"].items()},
+                vhd=raw["vhd"],
+                ta=raw["ta"],
+            ),
+            timings=Timings(**raw["timings"], image_load_ms=load_ms),
+            first_logits=raw["first_logits"] if keep_logits else None,
+        )
+
+    def _validate(self, v: VhrConfig, g: GenerationConfig) -> None:
+        if v.enabled and not (isinstance(v.alpha, (int, float)) and math.isfinite(v.alpha) and v.alpha > 0):
+            raise ConfigError(f"alpha must be a number > 0, got {v.alpha}")
+        if v.head_mode not in ("vhd", "random"):
+            raise ConfigError(f"head_mode must be 'vhd' or 'random', got {v.head_mode!r}")
+        for layer, heads in (v.forced_heads or {}).items():
+            if not 0 <= int(layer) < self.n_layer:
+                raise ConfigError(f"layer {layer} is outside the model (it has layers 0..{self.n_layer - 1})")
+            bad = [h for h in heads if not 0 <= int(h) < self.n_head]
+            if bad:
+                raise ConfigError(f"head {bad[0]} is outside the model (it has heads 0..{self.n_head - 1})")
+        if not isinstance(g.n_predict, int) or g.n_predict < 1:
+            raise ConfigError(f"-n must be at least 1, got {g.n_predict}")
+        if not math.isfinite(g.temp):
+            raise ConfigError(f"temperature must be finite, got {g.temp}")
+        if not 0.0 < g.top_p <= 1.0:
+            raise ConfigError(f"top_p must be in (0, 1], got {g.top_p}")
+
+    def close(self) -> None:
+        self._runner = None
+
+    def __enter__(self) -> "Session":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
