@@ -111,6 +111,23 @@ PYBIND11_MODULE(_engine, m) {
              py::arg("model"), py::arg("mmproj"), py::arg("n_threads") = 0, py::arg("n_gpu_layers") = 0,
              py::arg("n_ctx") = 2048, py::arg("flash_attn") = -1, py::arg("verbose") = false)
         .def("info", &vhr::Runner::info)
+        .def("embed_image",
+             [](vhr::Runner & self, py::array_t<uint8_t, py::array::c_style> rgb, const std::string & prompt,
+                const std::string & prompt_template) {
+                 if (rgb.ndim() != 3 || rgb.shape(2) != 3) throw std::runtime_error("image must be an HxWx3 uint8 array");
+                 const vhr::RgbImage img = {rgb.data(), (uint32_t) rgb.shape(1), (uint32_t) rgb.shape(0)};
+                 vhr::ImageEmbedding e;
+                 {
+                     py::gil_scoped_release release;
+                     e = self.embed_image(img, prompt, prompt_template);
+                 }
+                 py::dict d;
+                 d["prefix"] = e.prefix;
+                 d["suffix"] = e.suffix;
+                 d["image"] = matrix(e.rows, e.n_tokens, e.n_embd);
+                 return d;
+             },
+             py::arg("rgb"), py::arg("prompt"), py::arg("prompt_template") = vhr::Runner::default_template())
         .def("caption",
              [](vhr::Runner & self, py::array_t<uint8_t, py::array::c_style> rgb, const std::string & prompt,
                 const std::string & prompt_template, int n_predict, float temp, int top_k, float top_p, uint32_t seed,

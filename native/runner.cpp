@@ -190,6 +190,13 @@ struct Sampler {
     llama_token sample(llama_context * ctx, int32_t idx) { return llama_sampler_sample(chain, ctx, idx); }
 };
 
+struct Tokenized {
+    std::unique_ptr<mtmd_input_chunks, decltype(&mtmd_input_chunks_free)> chunks{mtmd_input_chunks_init(), mtmd_input_chunks_free};
+    std::vector<llama_token> prefix, suffix;    // text before / after the image
+    const mtmd_input_chunk * image_chunk = nullptr;
+    int64_t n_image_tokens = 0;
+};
+
 struct Batch {
     llama_batch b;
     Batch(int32_t n, int32_t n_embd, int32_t n_seq) : b(llama_batch_init(n, n_embd, n_seq)) {}
@@ -246,6 +253,55 @@ struct Runner::Impl {
         ctx = llama_init_from_model(model, cp);
         if (!ctx) fail("cannot create a llama.cpp context (n_ctx " + std::to_string(p.n_ctx) + "): " + take_last_error());
         return ctx;
+    }
+
+    // The prompt split around its one image: [text chunk] [image chunk] [text chunk].
+    Tokenized tokenize(const RgbImage & image, const std::string & prompt, const std::string & prompt_template) {
+        const std::string image_tag = "<image>";
+        const size_t at = prompt_template.find(image_tag);
+        if (at == std::string::npos || prompt_template.find(image_tag, at + 1) != std::string::npos) {
+            fail("the prompt template must contain \"<image>\" exactly once");
+        }
+        std::string text = prompt_template.substr(0, at) + mtmd_default_marker() + prompt_template.substr(at + image_tag.size());
+        const size_t pp = text.find("{prompt}");
+        if (pp != std::string::npos) text.replace(pp, 8, prompt);
+
+        if (image.nx == 0 || image.ny == 0 || image.data == nullptr) fail("empty image");
+        std::unique_ptr<mtmd_bitmap, decltype(&mtmd_bitmap_free)> bitmap(
+            mtmd_bitmap_init(image.nx, image.ny, image.data), mtmd_bitmap_free);
+        Tokenized tk;
+        mtmd_input_text in_text = {text.c_str(), text.size(), /*add_special =*/ true, /*parse_special =*/ true};
+        const mtmd_bitmap * bitmaps[] = {bitmap.get()};
+        if (mtmd_tokenize(mtmd, tk.chunks.get(), &in_text, bitmaps, 1) != 0) {
+            fail("libmtmd could not tokenize the prompt with the image: " + take_last_error());
+        }
+        for (size_t i = 0; i < mtmd_input_chunks_size(tk.chunks.get()); ++i) {
+            const mtmd_input_chunk * c = mtmd_input_chunks_get(tk.chunks.get(), i);
+            const auto type = mtmd_input_chunk_get_type(c);
+            if (type == MTMD_INPUT_CHUNK_TYPE_TEXT) {
+                size_t n = 0;
+                const llama_token * toks = mtmd_input_chunk_get_tokens_text(c, &n);
+                auto & dst = tk.image_chunk ? tk.suffix : tk.prefix;
+                dst.insert(dst.end(), toks, toks + n);
+            } else if (type == MTMD_INPUT_CHUNK_TYPE_IMAGE && !tk.image_chunk) {
+                tk.image_chunk = c;
+            } else {
+                fail("the prompt must produce exactly one image chunk");
+            }
+        }
+        if (!tk.image_chunk) fail("libmtmd produced no image chunk");
+        if (mtmd_decode_use_non_causal(mtmd, tk.image_chunk)) fail("this mmproj needs non-causal image attention; not LLaVA-style");
+        if (tk.prefix.empty()) fail("the prompt needs at least one token before the image (BOS)");
+        tk.n_image_tokens = (int64_t) mtmd_input_chunk_get_n_tokens(tk.image_chunk);
+        return tk;
+    }
+
+    // Run the vision encoder + projector on the image chunk; rows stay valid until the next encode.
+    const float * encode(const Tokenized & tk, double * ms) {
+        const auto t0 = Clock::now();
+        if (mtmd_encode_chunk(mtmd, tk.image_chunk) != 0) fail("libmtmd failed to encode the image: " + take_last_error());
+        if (ms) *ms = ms_since(t0);
+        return mtmd_get_output_embd(mtmd);
     }
 
     void prepare_callback(const VhrParams & v) {
@@ -336,6 +392,21 @@ const char * Runner::default_template() {
            "USER: <image>\n{prompt} ASSISTANT:";
 }
 
+ImageEmbedding Runner::embed_image(const RgbImage & image, const std::string & prompt,
+                                   const std::string & prompt_template) {
+    Impl & m = *impl_;
+    std::lock_guard<std::mutex> lock(m.busy);
+    Tokenized tk = m.tokenize(image, prompt, prompt_template);
+    const float * rows = m.encode(tk, nullptr);
+    ImageEmbedding e;
+    e.prefix.assign(tk.prefix.begin(), tk.prefix.end());
+    e.suffix.assign(tk.suffix.begin(), tk.suffix.end());
+    e.n_tokens = (int) tk.n_image_tokens;
+    e.n_embd = m.n_embd;
+    e.rows.assign(rows, rows + (size_t) e.n_tokens * e.n_embd);
+    return e;
+}
+
 ModelInfo Runner::info() const {
     const Impl & m = *impl_;
     ModelInfo i;
@@ -366,58 +437,18 @@ Result Runner::caption(const RgbImage & image, const std::string & prompt,
     VhrParams vhr = vhr_in;
     m.validate(vhr, gen);
 
-    // ---- prompt text: the template with the media marker and the instruction filled in
-    const std::string image_tag = "<image>";
-    const size_t at = prompt_template.find(image_tag);
-    if (at == std::string::npos || prompt_template.find(image_tag, at + 1) != std::string::npos) {
-        fail("the prompt template must contain \"<image>\" exactly once");
-    }
-    std::string text = prompt_template.substr(0, at) + mtmd_default_marker() + prompt_template.substr(at + image_tag.size());
-    const size_t pp = text.find("{prompt}");
-    if (pp != std::string::npos) text.replace(pp, 8, prompt);
-
-    // ---- tokenize: [text chunk] [image chunk] [text chunk]
-    if (image.nx == 0 || image.ny == 0 || image.data == nullptr) fail("empty image");
-    std::unique_ptr<mtmd_bitmap, decltype(&mtmd_bitmap_free)> bitmap(
-        mtmd_bitmap_init(image.nx, image.ny, image.data), mtmd_bitmap_free);
-    std::unique_ptr<mtmd_input_chunks, decltype(&mtmd_input_chunks_free)> chunks(
-        mtmd_input_chunks_init(), mtmd_input_chunks_free);
-    mtmd_input_text in_text = {text.c_str(), text.size(), /*add_special =*/ true, /*parse_special =*/ true};
-    const mtmd_bitmap * bitmaps[] = {bitmap.get()};
-    if (mtmd_tokenize(m.mtmd, chunks.get(), &in_text, bitmaps, 1) != 0) {
-        fail("libmtmd could not tokenize the prompt with the image: " + take_last_error());
-    }
-    std::vector<llama_token> prefix, suffix;
-    const mtmd_input_chunk * image_chunk = nullptr;
-    for (size_t i = 0; i < mtmd_input_chunks_size(chunks.get()); ++i) {
-        const mtmd_input_chunk * c = mtmd_input_chunks_get(chunks.get(), i);
-        const auto type = mtmd_input_chunk_get_type(c);
-        if (type == MTMD_INPUT_CHUNK_TYPE_TEXT) {
-            size_t n = 0;
-            const llama_token * toks = mtmd_input_chunk_get_tokens_text(c, &n);
-            (image_chunk ? suffix : prefix).insert((image_chunk ? suffix : prefix).end(), toks, toks + n);
-        } else if (type == MTMD_INPUT_CHUNK_TYPE_IMAGE && !image_chunk) {
-            image_chunk = c;
-        } else {
-            fail("the prompt must produce exactly one image chunk");
-        }
-    }
-    if (!image_chunk) fail("libmtmd produced no image chunk");
-    if (mtmd_decode_use_non_causal(m.mtmd, image_chunk)) fail("this mmproj needs non-causal image attention; not LLaVA-style");
-    if (prefix.empty()) fail("the prompt needs at least one token before the image (BOS)");
+    Tokenized tk = m.tokenize(image, prompt, prompt_template);
+    const std::vector<llama_token> & prefix = tk.prefix;
+    const std::vector<llama_token> & suffix = tk.suffix;
 
     // ---- image rows
     Result r;
-    auto t0 = Clock::now();
-    if (mtmd_encode_chunk(m.mtmd, image_chunk) != 0) fail("libmtmd failed to encode the image: " + take_last_error());
-    r.timings.image_encode_ms = ms_since(t0);
-    const int64_t P = (int64_t) prefix.size(), S = (int64_t) suffix.size();
-    const int64_t I = (int64_t) mtmd_input_chunk_get_n_tokens(image_chunk);
-    const float * img = mtmd_get_output_embd(m.mtmd);
+    const float * img = m.encode(tk, &r.timings.image_encode_ms);
+    const int64_t P = (int64_t) prefix.size(), S = (int64_t) suffix.size(), I = tk.n_image_tokens;
     r.timings.n_image_tokens = (int) I;
 
     // ---- one embedding batch: shared prefix (seq 0+1), image + instruction (seq 0), instruction (seq 1)
-    t0 = Clock::now();
+    auto t0 = Clock::now();
     const bool two = vhr.enabled;
     const int64_t n_rows = P + I + S + (two ? S : 0);
     const int64_t seq0_len = P + I + S;

@@ -82,6 +82,14 @@ struct ModelInfo {
     uint64_t n_params = 0, size_bytes = 0;
 };
 
+// What the prefill is made of: the prompt tokens around the image and libmtmd's image rows
+// (for reference implementations that rebuild the same input elsewhere).
+struct ImageEmbedding {
+    std::vector<int32_t> prefix, suffix;
+    int n_tokens = 0, n_embd = 0;
+    std::vector<float> rows;  // n_tokens * n_embd
+};
+
 struct RgbImage {
     const uint8_t * data;  // ny rows of nx RGB pixels
     uint32_t nx, ny;
@@ -98,6 +106,9 @@ public:
     Result caption(const RgbImage & image, const std::string & prompt,
                    const std::string & prompt_template, const GenParams & gen,
                    const VhrParams & vhr);
+
+    ImageEmbedding embed_image(const RgbImage & image, const std::string & prompt,
+                               const std::string & prompt_template);
 
     ModelInfo info() const;
 

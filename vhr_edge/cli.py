@@ -1,0 +1,191 @@
+"""The `vhr-edge` command line (flags follow llama-mtmd-cli where they overlap).
+
+    vhr-edge caption IMG [IMG ...] [-m MODEL] [--mmproj MMPROJ] [-p PROMPT] [-n N]
+                     [--alpha 2] [--layers 1,18-31|auto|all] [--no-vhr] [--json] ...
+    vhr-edge info MODEL [--json]
+
+Errors are one line on stderr and a non-zero exit: 1 bad input / run failure,
+2 bad usage, 130 interrupted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import traceback
+from pathlib import Path
+
+from . import DEFAULT_PROMPT, __version__
+from .errors import ConfigError, ImageError, ModelError, VhrEdgeError
+
+EXIT_ERROR, EXIT_USAGE, EXIT_INTERRUPTED = 1, 2, 130
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, exit 2, like every other error here
+        self.exit(EXIT_USAGE, f"vhr-edge: error: {message} (see vhr-edge {self.prog.split()[-1]} --help)\n")
+
+
+def default_model_paths() -> tuple[str | None, str | None]:
+    """$VHR_EDGE_MODEL / $VHR_EDGE_MMPROJ, else the bundled testbed in the checkout's models/."""
+    model, mmproj = os.environ.get("VHR_EDGE_MODEL"), os.environ.get("VHR_EDGE_MMPROJ")
+    if model:
+        return model, mmproj
+    models_dir = Path(__file__).resolve().parent.parent / "models"
+    for name in ("testbed-f16.gguf", "testbed.gguf"):
+        if (models_dir / name).is_file():
+            return str(models_dir / name), mmproj
+    return None, mmproj
+
+
+def find_mmproj(model: str) -> str | None:
+    """The single *mmproj*.gguf beside the model, if there is exactly one."""
+    found = sorted(Path(model).resolve().parent.glob("*mmproj*.gguf"))
+    return str(found[0]) if len(found) == 1 else None
+
+
+def _add_model_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("model")
+    g.add_argument("-m", "--model", help="text model GGUF (default: $VHR_EDGE_MODEL or the bundled testbed)")
+    g.add_argument("--mmproj", help="vision projector GGUF (default: $VHR_EDGE_MMPROJ or the one *mmproj*.gguf beside -m)")
+    g.add_argument("-t", "--threads", type=int, default=0, help="CPU threads (default: all)")
+    g.add_argument("-ngl", "--n-gpu-layers", dest="n_gpu_layers", type=int, default=0,
+                   help="layers to offload to the GPU (-1 = all; needs a GPU build of llama-cpp-python)")
+    g.add_argument("-c", "--ctx-size", dest="ctx_size", type=int, default=2048, help="context size (default 2048)")
+    g.add_argument("-fa", "--flash-attn", dest="flash_attn", choices=["on", "off", "auto"], default="auto")
+    g.add_argument("-v", "--verbose", action="store_true", help="show llama.cpp logs and tracebacks")
+
+
+def _add_vhr_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("VHR")
+    g.add_argument("--alpha", type=float, default=2.0, help="reinforcement factor for the selected heads (default 2)")
+    g.add_argument("--layers", default="auto", help="VHR layer set: auto (layer 1 + last 14 of 32), all, or e.g. 1,18-31")
+    g.add_argument("--no-vhr", action="store_true", help="plain decoding: the same runner with no callback (baseline)")
+    g.add_argument("--random-heads", action="store_true",
+                   help="control: reinforce as many heads per layer as VHR would, chosen at random")
+    g.add_argument("--no-outlier-rule", action="store_true", help="skip the negative-sensitivity outlier rule")
+
+
+def _add_gen_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("generation")
+    g.add_argument("-p", "--prompt", default=DEFAULT_PROMPT, help=f"instruction (default: {DEFAULT_PROMPT!r})")
+    g.add_argument("-n", "--n-predict", dest="n_predict", type=int, default=512, help="max new tokens (default 512)")
+    g.add_argument("--temp", type=float, default=0.0, help="temperature; 0 = greedy (default)")
+    g.add_argument("--top-k", dest="top_k", type=int, default=40)
+    g.add_argument("--top-p", dest="top_p", type=float, default=0.95)
+    g.add_argument("--seed", type=int, default=0, help="sampling seed (and random-heads seed)")
+    g.add_argument("--ignore-eos", action="store_true", help="generate exactly -n tokens (benchmarks)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="vhr-edge", description="VHR hallucination reduction for LLaVA-style GGUF models on llama.cpp")
+    parser.add_argument("--version", action="version", version=f"vhr-edge {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    cap = sub.add_parser("caption", help="caption images (VHR on by default)")
+    cap.add_argument("images", nargs="+", metavar="IMG", help="image files (any format Pillow reads)")
+    _add_model_args(cap)
+    _add_vhr_args(cap)
+    _add_gen_args(cap)
+    cap.add_argument("--json", action="store_true", help="one JSON object per image on stdout (JSON lines)")
+    cap.set_defaults(func=cmd_caption)
+
+    info = sub.add_parser("info", help="print a GGUF's architecture, shapes and tensor types")
+    info.add_argument("model", metavar="MODEL")
+    info.add_argument("--json", action="store_true")
+    info.set_defaults(func=cmd_info)
+    return parser
+
+
+def resolve_models(args) -> tuple[str, str]:
+    model, mmproj = args.model, args.mmproj
+    if not model:
+        model, env_mmproj = default_model_paths()
+        mmproj = mmproj or env_mmproj
+    if not model:
+        raise ModelError("no model given: pass -m MODEL.gguf --mmproj MMPROJ.gguf (or set VHR_EDGE_MODEL / VHR_EDGE_MMPROJ)")
+    if not mmproj:
+        mmproj = find_mmproj(model)
+    if not mmproj:
+        raise ModelError(f"no --mmproj given and no single *mmproj*.gguf beside {model}")
+    return model, mmproj
+
+
+def open_session(args):
+    from .session import Session
+
+    if args.ctx_size < 64:
+        raise ConfigError(f"-c/--ctx-size must be at least 64, got {args.ctx_size}")
+    model, mmproj = resolve_models(args)
+    fa = {"on": True, "off": False, "auto": None}[args.flash_attn]
+    return Session(model, mmproj, n_threads=args.threads, n_gpu_layers=args.n_gpu_layers,
+                   n_ctx=args.ctx_size, flash_attn=fa, verbose=args.verbose)
+
+
+def cmd_caption(args) -> int:
+    from .layers import format_layers
+    from .session import GenerationConfig, VhrConfig
+
+    if not (args.alpha > 0):
+        raise ConfigError(f"--alpha must be > 0, got {args.alpha}")
+    if args.n_predict < 1:
+        raise ConfigError(f"-n must be at least 1, got {args.n_predict}")
+    session = open_session(args)
+    vhr = VhrConfig(enabled=not args.no_vhr, alpha=args.alpha, layers=args.layers,
+                    outlier_rule=not args.no_outlier_rule,
+                    head_mode="random" if args.random_heads else "vhd", random_seed=args.seed)
+    gen = GenerationConfig(n_predict=args.n_predict, temp=args.temp, top_k=args.top_k, top_p=args.top_p,
+                           seed=args.seed, ignore_eos=args.ignore_eos)
+    failures = 0
+    for image in args.images:
+        try:
+            r = session.caption(image, args.prompt, vhr=vhr, gen=gen)
+        except ImageError as e:  # a bad image fails alone; the others still get captioned
+            failures += 1
+            print(f"vhr-edge: error: {e}", file=sys.stderr, flush=True)
+            continue
+        if args.json:
+            print(json.dumps(r.to_json()), flush=True)
+        else:
+            if len(args.images) > 1:
+                print(f"== {image}")
+            print(r.text, flush=True)
+            t = r.timings
+            mode = (f"VHR alpha {r.vhr.alpha:g} layers {format_layers(r.vhr.layers)}" if r.vhr.enabled else "no VHR")
+            print(f"[{mode} | {r.n_tokens} tokens ({r.stop_reason}) | encode {t.image_encode_ms:.0f} ms, "
+                  f"prefill {t.prefill_ms:.0f} ms, decode {t.tokens_per_s:.1f} tok/s]", file=sys.stderr, flush=True)
+    return EXIT_ERROR if failures else 0
+
+
+def cmd_info(args) -> int:
+    from .model_info import format_info, read_info
+
+    info = read_info(args.model)
+    print(json.dumps(info) if args.json else format_info(info))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except VhrEdgeError as e:
+        print(f"vhr-edge: error: {e}", file=sys.stderr)
+        return EXIT_ERROR
+    except KeyboardInterrupt:
+        print("vhr-edge: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except BrokenPipeError:
+        return 0
+    except Exception as e:  # a bug: still one line unless -v
+        if getattr(args, "verbose", False):
+            traceback.print_exc()
+        print(f"vhr-edge: internal error: {type(e).__name__}: {e}", file=sys.stderr)
+        return EXIT_ERROR
+
+
+if __name__ == "__main__":
+    sys.exit(main())
