@@ -1,0 +1,108 @@
+"""The arithmetic core (native/vhr_core) against numpy and hand-computed cases."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from vhr_edge.engine import load
+from vhr_edge.layers import auto_layers, format_layers, parse_layers
+from vhr_edge.errors import ConfigError
+
+E = load()
+
+
+def numpy_select(vhd, ta, outlier_rule=True):
+    """VHR_SPEC 2-3 written directly in numpy."""
+    vhd = np.asarray(vhd, np.float64).copy()
+    ta = np.asarray(ta, np.float64)
+    if outlier_rule:
+        out = (vhd > vhd.mean() + vhd.std()) & (ta > ta.mean() + ta.std())
+        vhd[out] = 0.0
+    return [int(i) for i in np.flatnonzero(vhd > np.median(vhd))]
+
+
+def test_score_heads_matches_numpy():
+    rng = np.random.default_rng(0)
+    n_head, hd = 8, 16
+    a, b = rng.normal(size=n_head * hd).astype(np.float32), rng.normal(size=n_head * hd).astype(np.float32)
+    vhd, ta = E.score_heads(a, b, n_head)
+    ref_vhd = np.linalg.norm((a - b).reshape(n_head, hd).astype(np.float64), axis=1)
+    ref_ta = (b.reshape(n_head, hd).astype(np.float64) ** 2).sum(axis=1)
+    np.testing.assert_allclose(vhd, ref_vhd, rtol=1e-6)
+    np.testing.assert_allclose(ta, ref_ta, rtol=1e-6)
+
+
+def test_select_hand_computed_median():
+    vhd = [0.1, 0.5, 0.3, 0.9, 0.2, 0.7, 0.4, 0.8]  # median (0.4 + 0.5) / 2 = 0.45
+    ta = [1.0] * 8
+    assert E.select_heads(vhd, ta) == [1, 3, 5, 7]
+
+
+def test_select_ties_are_not_above_median():
+    assert E.select_heads([1.0, 2.0, 2.0, 3.0], [0.0] * 4) == [3]  # median 2
+    assert E.select_heads([2.0] * 6, [0.0] * 6) == []
+    assert E.select_heads([1.0, 5.0, 3.0], [0.0] * 3) == [1]  # odd count: middle value
+
+
+def test_outlier_needs_both_vhd_and_ta_high():
+    vhd = [1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 10.0]
+    # mean 2.125, std 2.976 -> threshold 5.1; head 7 is above for VHD
+    assert E.outlier_heads(vhd, [1.0] * 7 + [10.0]) == [7]
+    assert E.outlier_heads(vhd, [10.0] + [1.0] * 7) == []  # TA high elsewhere: not an outlier
+    # the outlier's VHD is zeroed before the median: it is NOT selected
+    sel_rule = E.select_heads([0.5, 0.6, 0.7, 0.8, 0.9, 1.0, 1.1, 10.0], [1.0] * 7 + [10.0])
+    assert sel_rule == [3, 4, 5, 6]  # zeroed head 7 moves the median down to 0.75
+    sel_plain = E.select_heads([0.5, 0.6, 0.7, 0.8, 0.9, 1.0, 1.1, 10.0], [1.0] * 7 + [10.0], outlier_rule=False)
+    assert sel_plain == [4, 5, 6, 7]
+
+
+@pytest.mark.parametrize("n_head", [5, 8, 32])
+def test_select_matches_numpy_random(n_head):
+    rng = np.random.default_rng(n_head)
+    for _ in range(300):
+        vhd = rng.gamma(2.0, 1.0, n_head).astype(np.float32)
+        ta = rng.gamma(2.0, 1.0, n_head).astype(np.float32)
+        if rng.random() < 0.3:  # plant an outlier
+            i = rng.integers(n_head)
+            vhd[i] *= 8
+            ta[i] *= 8
+        if rng.random() < 0.2:  # plant ties
+            vhd[: n_head // 2] = vhd[0]
+        for rule in (True, False):
+            assert E.select_heads(vhd.tolist(), ta.tolist(), rule) == numpy_select(vhd, ta, rule)
+
+
+def test_scale_heads_only_touches_selected_slices():
+    rng = np.random.default_rng(1)
+    data = rng.normal(size=(5, 4 * 8)).astype(np.float32)  # 5 tokens, 4 heads of dim 8
+    ref = data.copy()
+    E.scale_heads(data, [1, 3], 4, 2.5)
+    ref[:, 8:16] *= 2.5
+    ref[:, 24:32] *= 2.5
+    np.testing.assert_array_equal(data, ref)
+
+
+def test_auto_layers_rule():
+    assert E.auto_layers(32) == [1] + list(range(18, 32))
+    assert E.auto_layers(8) == [1, 4, 5, 6, 7]
+    assert E.auto_layers(40) == [1] + list(range(22, 40))  # round(17.5) = 18 last layers
+    for n in range(1, 81):
+        assert E.auto_layers(n) == auto_layers(n)
+
+
+def test_t_vhd_sums_top_k_per_layer():
+    rows = [[1.0, 5.0, 3.0, 2.0], [0.5, 0.25, 4.0, 1.0]]
+    assert E.t_vhd(rows, 2) == pytest.approx((5 + 3) + (4 + 1))
+    assert E.t_vhd(rows, 10) == pytest.approx(11 + 5.75)
+
+
+def test_parse_layers():
+    assert parse_layers("1,18-31", 32) == [1] + list(range(18, 32))
+    assert parse_layers("auto", 8) == [1, 4, 5, 6, 7]
+    assert parse_layers("all", 3) == [0, 1, 2]
+    assert parse_layers(" 3 , 1,1 ", 8) == [1, 3]
+    assert format_layers([1, 4, 5, 6, 7, 9]) == "1,4-7,9"
+    for bad in ("x", "1,", "5-2", "1-", "99", "-1"):
+        with pytest.raises(ConfigError):
+            parse_layers(bad, 8)
