@@ -4,6 +4,7 @@
 #include <pybind11/stl.h>
 
 #include "runner.h"
+#include "token_embd.h"
 #include "vhr_core.h"
 
 namespace py = pybind11;
@@ -78,6 +79,12 @@ PYBIND11_MODULE(_engine, m) {
         vhr::scale_heads(data.mutable_data(), data.shape(0), data.shape(1), heads, (int) (data.shape(1) / n_head), alpha);
     }, py::arg("data"), py::arg("heads"), py::arg("n_head"), py::arg("alpha"));
     m.def("auto_layers", &vhr::auto_layers, py::arg("n_layer"));
+    m.def("token_embedding_rows", [](const std::string & gguf_path, const std::vector<int32_t> & tokens) {
+        const vhr::TokenEmbeddings te(gguf_path);
+        py::array_t<float> out({(py::ssize_t) tokens.size(), (py::ssize_t) te.n_embd()});
+        for (size_t i = 0; i < tokens.size(); ++i) te.row(tokens[i], out.mutable_data((py::ssize_t) i, 0));
+        return py::make_tuple(out, std::string(ggml_type_name(te.type())));
+    }, py::arg("gguf_path"), py::arg("tokens"), "Rows of token_embd.weight as the prefill reads them, and the tensor type.");
     m.def("t_vhd", &vhr::t_vhd, py::arg("vhd_rows"), py::arg("k"));
 
     py::class_<vhr::ModelInfo>(m, "ModelInfo")
@@ -133,7 +140,7 @@ PYBIND11_MODULE(_engine, m) {
                 const std::string & prompt_template, int n_predict, float temp, int top_k, float top_p, uint32_t seed,
                 bool ignore_eos, bool keep_logits, bool vhr_enabled, float alpha, std::vector<int> layers,
                 bool outlier_rule, std::string head_mode, uint32_t random_seed,
-                std::map<int, std::vector<int>> forced_heads) {
+                std::map<int, std::vector<int>> forced_heads, bool share_prefix) {
                  if (rgb.ndim() != 3 || rgb.shape(2) != 3) throw std::runtime_error("image must be an HxWx3 uint8 array");
                  vhr::GenParams g;
                  g.n_predict = n_predict;
@@ -151,6 +158,7 @@ PYBIND11_MODULE(_engine, m) {
                  v.head_mode = std::move(head_mode);
                  v.random_seed = random_seed;
                  v.forced_heads = std::move(forced_heads);
+                 v.share_prefix = share_prefix;
                  const vhr::RgbImage img = {rgb.data(), (uint32_t) rgb.shape(1), (uint32_t) rgb.shape(0)};
                  vhr::Result r;
                  {
@@ -164,5 +172,5 @@ PYBIND11_MODULE(_engine, m) {
              py::arg("seed") = 0, py::arg("ignore_eos") = false, py::arg("keep_logits") = false,
              py::arg("vhr") = true, py::arg("alpha") = 2.0f, py::arg("layers") = std::vector<int>{},
              py::arg("outlier_rule") = true, py::arg("head_mode") = "vhd", py::arg("random_seed") = 0,
-             py::arg("forced_heads") = std::map<int, std::vector<int>>{});
+             py::arg("forced_heads") = std::map<int, std::vector<int>>{}, py::arg("share_prefix") = true);
 }

@@ -447,11 +447,14 @@ Result Runner::caption(const RgbImage & image, const std::string & prompt,
     const int64_t P = (int64_t) prefix.size(), S = (int64_t) suffix.size(), I = tk.n_image_tokens;
     r.timings.n_image_tokens = (int) I;
 
-    // ---- one embedding batch: shared prefix (seq 0+1), image + instruction (seq 0), instruction (seq 1)
+    // ---- one embedding batch. seq 0 = image prompt, seq 1 = text-only prompt (prefix +
+    // instruction, positions contiguous). With share_prefix the prefix rows are in the batch
+    // once, carrying both sequence ids: causal attention makes that exact.
     auto t0 = Clock::now();
     const bool two = vhr.enabled;
-    const int64_t n_rows = P + I + S + (two ? S : 0);
+    const bool shared = two && vhr.share_prefix;
     const int64_t seq0_len = P + I + S;
+    const int64_t n_rows = seq0_len + (two ? (shared ? S : P + S) : 0);
     if (n_rows > m.p.n_ctx) {
         fail("the prompt needs " + std::to_string(n_rows) + " positions (" + std::to_string(I) +
              " image tokens) but the context holds " + std::to_string(m.p.n_ctx) + "; raise -c/--ctx-size");
@@ -461,35 +464,29 @@ Result Runner::caption(const RgbImage & image, const std::string & prompt,
 
     Batch batch((int32_t) n_rows, m.n_embd, 2);
     llama_batch & b = batch.b;
-    b.n_tokens = (int32_t) n_rows;
-    auto put = [&](int64_t row, const float * e, llama_pos pos, bool both) {
-        if (e) std::memcpy(b.embd + row * m.n_embd, e, sizeof(float) * m.n_embd);
-        else   std::memset(b.embd + row * m.n_embd, 0, sizeof(float) * m.n_embd);
-        b.pos[row] = pos;
-        b.n_seq_id[row] = both ? 2 : 1;
-        b.seq_id[row][0] = 0;
-        if (both) b.seq_id[row][1] = 1;
-        b.logits[row] = 0;
+    b.n_tokens = 0;
+    auto add_row = [&](llama_token tok, const float * image_row, llama_pos pos, bool seq0, bool seq1) {
+        const int32_t i = b.n_tokens++;
+        float * dst = b.embd + (int64_t) i * m.n_embd;
+        if (image_row) std::memcpy(dst, image_row, sizeof(float) * m.n_embd);
+        else m.embd->row(tok, dst);
+        b.pos[i] = pos;
+        b.n_seq_id[i] = 0;
+        if (seq0) b.seq_id[i][b.n_seq_id[i]++] = 0;
+        if (seq1) b.seq_id[i][b.n_seq_id[i]++] = 1;
+        b.logits[i] = 0;
     };
-    int64_t row = 0;
-    for (int64_t i = 0; i < P; ++i, ++row) {
-        put(row, nullptr, (llama_pos) i, two);
-        m.embd->row(prefix[i], b.embd + row * m.n_embd);
-    }
-    for (int64_t i = 0; i < I; ++i, ++row) put(row, img + i * m.n_embd, (llama_pos) (P + i), false);
-    for (int64_t i = 0; i < S; ++i, ++row) {
-        put(row, nullptr, (llama_pos) (P + I + i), false);
-        m.embd->row(suffix[i], b.embd + row * m.n_embd);
+    for (int64_t i = 0; i < P; ++i) add_row(prefix[i], nullptr, (llama_pos) i, true, shared);
+    for (int64_t i = 0; i < I; ++i) add_row(0, img + i * m.n_embd, (llama_pos) (P + i), true, false);
+    for (int64_t i = 0; i < S; ++i) add_row(suffix[i], nullptr, (llama_pos) (P + I + i), true, false);
+    if (two && !shared) {
+        for (int64_t i = 0; i < P; ++i) add_row(prefix[i], nullptr, (llama_pos) i, false, true);
     }
     if (two) {
-        for (int64_t i = 0; i < S; ++i, ++row) {
-            put(row, nullptr, (llama_pos) (P + i), false);
-            b.seq_id[row][0] = 1;
-            m.embd->row(suffix[i], b.embd + row * m.n_embd);
-        }
+        for (int64_t i = 0; i < S; ++i) add_row(suffix[i], nullptr, (llama_pos) (P + i), false, true);
     }
     const int64_t col_img = seq0_len - 1;
-    const int64_t col_txt = S > 0 ? n_rows - 1 : P - 1;
+    const int64_t col_txt = (shared && S == 0) ? P - 1 : n_rows - 1;
     b.logits[col_img] = 1;
     if (two) b.logits[col_txt] = 1;
 

@@ -41,6 +41,9 @@ struct VhrParams {
     // pick, drawn at random (the control).
     std::string head_mode = "vhd";
     uint32_t random_seed  = 0;
+    // Put the rows the two prompts share (system line, "USER: ") in the batch once, with
+    // both sequence ids; false repeats them per sequence (slower; for tests).
+    bool share_prefix     = true;
     // Layers listed here use these heads instead of being scored (tests, profiles).
     std::map<int, std::vector<int>> forced_heads;
 };

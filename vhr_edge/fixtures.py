@@ -329,3 +329,22 @@ def quantize(src, dst, ftype: str) -> Path:
     if rc != 0:
         raise RuntimeError(f"llama_model_quantize({src} -> {dst}, {ftype}) returned {rc}")
     return dst
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m vhr_edge.fixtures OUT_DIR`: write the tiny pair (used by `make demo`)."""
+    import argparse
+
+    p = argparse.ArgumentParser(prog="python -m vhr_edge.fixtures", description=main.__doc__)
+    p.add_argument("out_dir")
+    p.add_argument("--name", default="tiny")
+    p.add_argument("--layers", type=int, default=8)
+    p.add_argument("--seed", type=int, default=0)
+    a = p.parse_args(argv)
+    text, mmproj = write_tiny_llava(a.out_dir, TinySpec(n_layer=a.layers, seed=a.seed), name=a.name)
+    print(f"wrote {text} and {mmproj} (random weights: captions are gibberish)")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
