@@ -106,6 +106,8 @@ def resolve_models(args) -> tuple[str, str]:
         mmproj = mmproj or env_mmproj
     if not model:
         raise ModelError("no model given: pass -m MODEL.gguf --mmproj MMPROJ.gguf (or set VHR_EDGE_MODEL / VHR_EDGE_MMPROJ)")
+    if not Path(model).is_file():
+        raise ModelError(f"model not found: {model}")
     if not mmproj:
         mmproj = find_mmproj(model)
     if not mmproj:
@@ -114,7 +116,10 @@ def resolve_models(args) -> tuple[str, str]:
 
 
 def open_session(args):
+    from .engine import load
     from .session import Session
+
+    load()  # a broken or mismatched llama.cpp install is the first thing to report
 
     if args.ctx_size < 64:
         raise ConfigError(f"-c/--ctx-size must be at least 64, got {args.ctx_size}")

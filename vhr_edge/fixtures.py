@@ -62,6 +62,7 @@ class TinySpec:
     proj_dim: int | None = None  # mmproj output width; None = n_embd (differ -> mismatched pair)
     seed: int = 0
     dtype: str = "f32"  # "f32" or "f16" for the 2-D weight matrices of the text model
+    projector_type: str = "mlp"  # written as clip.projector_type (others: non-LLaVA test cases)
 
     @property
     def head_dim(self) -> int:
@@ -273,7 +274,7 @@ def write_mmproj(path, spec: TinySpec) -> Path:
     w.add_bool("clip.has_text_encoder", False)
     w.add_bool("clip.has_vision_encoder", True)
     w.add_bool("clip.has_llava_projector", True)
-    w.add_string("clip.projector_type", "mlp")
+    w.add_string("clip.projector_type", spec.projector_type)
     w.add_bool("clip.use_gelu", False)  # CLIP ViT-L uses quick_gelu
     w.add_uint32("clip.vision.image_size", spec.image_size)
     w.add_uint32("clip.vision.patch_size", spec.patch_size)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import io
 import os
+import warnings
 from pathlib import Path
 from typing import Union
 
@@ -67,7 +68,9 @@ def _from_bytes(data: bytes, name: str, max_pixels: int) -> np.ndarray:
     if not data:
         raise ImageError(f"empty image data: {name}")
     try:
-        im = Image.open(io.BytesIO(data))
+        with warnings.catch_warnings():  # our own pixel limit below decides, in one line
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            im = Image.open(io.BytesIO(data))
     except UnidentifiedImageError:
         raise ImageError(f"not an image file (or a format Pillow cannot read): {name}") from None
     except Image.DecompressionBombError:
@@ -84,7 +87,9 @@ def _from_pil(im: Image.Image, name: str, max_pixels: int) -> np.ndarray:
     if w * h > max_pixels:
         raise ImageError(f"image too large ({w}x{h} = {w * h} pixels > {max_pixels}; decompression bomb?): {name}")
     try:
-        im.load()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            im.load()
         im = ImageOps.exif_transpose(im)
         return _to_rgb(im)
     except Image.DecompressionBombError:

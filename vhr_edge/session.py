@@ -39,6 +39,7 @@ class VhrConfig:
     head_mode: str = "vhd"  # "vhd" or "random" (the same number of random heads: a control)
     random_seed: int = 0
     forced_heads: Optional[dict[int, list[int]]] = None  # layer -> heads, bypassing VHD
+    share_prefix: bool = True  # shared prefix rows carry both sequence ids (False: repeat them; tests)
 
 
 @dataclass
@@ -198,6 +199,7 @@ class Session:
                     vhr=vcfg.enabled, alpha=vcfg.alpha, layers=layers, outlier_rule=vcfg.outlier_rule,
                     head_mode=vcfg.head_mode, random_seed=vcfg.random_seed,
                     forced_heads={int(k): list(v) for k, v in (vcfg.forced_heads or {}).items()},
+                    share_prefix=vcfg.share_prefix,
                 )
             except self._engine.EngineError as e:
                 raise VhrEdgeError(str(e)) from None
