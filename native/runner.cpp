@@ -450,7 +450,6 @@ Result Runner::caption(const RgbImage & image, const std::string & prompt,
     // ---- one embedding batch. seq 0 = image prompt, seq 1 = text-only prompt (prefix +
     // instruction, positions contiguous). With share_prefix the prefix rows are in the batch
     // once, carrying both sequence ids: causal attention makes that exact.
-    auto t0 = Clock::now();
     const bool two = vhr.enabled;
     const bool shared = two && vhr.share_prefix;
     const int64_t seq0_len = P + I + S;
@@ -459,8 +458,9 @@ Result Runner::caption(const RgbImage & image, const std::string & prompt,
         fail("the prompt needs " + std::to_string(n_rows) + " positions (" + std::to_string(I) +
              " image tokens) but the context holds " + std::to_string(m.p.n_ctx) + "; raise -c/--ctx-size");
     }
-    llama_context * ctx = m.context_for(two, (int) n_rows);
+    llama_context * ctx = m.context_for(two, (int) n_rows);  // created once, reused (not timed)
     llama_memory_clear(llama_get_memory(ctx), true);
+    auto t0 = Clock::now();
 
     Batch batch((int32_t) n_rows, m.n_embd, 2);
     llama_batch & b = batch.b;

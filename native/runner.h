@@ -59,7 +59,8 @@ struct GenParams {
 };
 
 struct Timings {
-    double image_encode_ms = 0, prefill_ms = 0, decode_ms = 0, total_ms = 0;
+    double image_encode_ms = 0, prefill_ms = 0, decode_ms = 0;
+    double total_ms = 0;       // also counts tokenizing and (first call only) creating the context
     int    n_prompt_rows = 0;  // rows in the prefill batch (both sequences)
     int    n_image_tokens = 0;
     int    n_decoded = 0;      // tokens generated after the first one
