@@ -14,6 +14,7 @@
 #include "gguf.h"
 #include "llama.h"
 #include "mtmd.h"
+#include "head_hook.h"
 #include "token_embd.h"
 #include "vhr_core.h"
 
@@ -87,92 +88,6 @@ void check_mmproj(const std::string & path) {
     }
 }
 
-// ---- the eval callback: VHR_SPEC sections 1-5 applied to kqv_out-<l>
-struct CallbackState {
-    enum class Phase { idle, prefill, decode };
-    Phase phase = Phase::idle;
-    int n_layer = 0, n_head = 0;
-    float alpha = 1.0f;
-    bool outlier_rule = true;
-    bool random_mode = false;
-    std::mt19937 rng;
-    std::vector<char> scored;                 // layers in the set (prefill)
-    std::map<int, std::vector<int>> forced;   // layers whose heads are given
-    std::vector<std::vector<int>> heads;      // selected heads per layer
-    int64_t col_img = -1, col_txt = -1;       // last positions of seq 0 / seq 1
-    std::vector<float> vhd, ta;               // n_layer * n_head
-    std::vector<float> scratch;
-    std::string error;
-
-    bool wants(int layer) const {
-        if (layer < 0 || layer >= n_layer) return false;
-        if (phase == Phase::prefill) return scored[layer];
-        if (phase == Phase::decode) return !heads[layer].empty();
-        return false;
-    }
-
-    void process(ggml_tensor * t, int layer) {
-        const int64_t n_rows = t->ne[0], n_cols = t->ne[1];
-        if (t->type != GGML_TYPE_F32 || n_rows % n_head != 0 || t->ne[2] != 1 || t->ne[3] != 1 ||
-            t->nb[0] != sizeof(float) || t->nb[1] != (size_t) n_rows * sizeof(float)) {
-            fail(std::string("unexpected layout of ") + t->name + " (need a contiguous F32 [n_embd, n_tokens])");
-        }
-        const int head_dim = (int) (n_rows / n_head);
-        const bool host = t->buffer == nullptr || ggml_backend_buffer_is_host(t->buffer);
-        float * data;
-        if (host) {
-            data = static_cast<float *>(t->data);
-        } else {
-            scratch.resize((size_t) ggml_nelements(t));
-            ggml_backend_tensor_get(t, scratch.data(), 0, ggml_nbytes(t));
-            data = scratch.data();
-        }
-        if (phase == Phase::prefill) {
-            if (col_img >= n_cols || col_txt >= n_cols) fail("prefill batch was split; raise n_ubatch");
-            const HeadScores s = score_heads(data + col_img * n_rows, data + col_txt * n_rows, n_head, head_dim);
-            std::copy(s.vhd.begin(), s.vhd.end(), vhd.begin() + (size_t) layer * n_head);
-            std::copy(s.ta.begin(), s.ta.end(), ta.begin() + (size_t) layer * n_head);
-            auto f = forced.find(layer);
-            if (f != forced.end()) {
-                heads[layer] = f->second;
-            } else {
-                heads[layer] = select_heads(s, outlier_rule);
-                if (random_mode) heads[layer] = random_heads((int) heads[layer].size(), n_head, rng);
-            }
-        }
-        scale_heads(data, n_cols, n_rows, heads[layer], head_dim, alpha);
-        if (!host) ggml_backend_tensor_set(t, data, 0, ggml_nbytes(t));
-    }
-};
-
-int kqv_out_layer(const char * name) {
-    static const char prefix[] = "kqv_out-";
-    if (std::strncmp(name, prefix, sizeof(prefix) - 1) != 0) return -1;
-    const char * p = name + sizeof(prefix) - 1;
-    if (*p == '\0') return -1;
-    int layer = 0;
-    for (; *p; ++p) {
-        if (*p < '0' || *p > '9') return -1;
-        layer = layer * 10 + (*p - '0');
-    }
-    return layer;
-}
-
-bool eval_callback(ggml_tensor * t, bool ask, void * user_data) {
-    auto * s = static_cast<CallbackState *>(user_data);
-    const int layer = kqv_out_layer(t->name);
-    const bool wanted = s->error.empty() && s->wants(layer);
-    if (ask) return wanted;
-    if (!wanted) return true;
-    try {
-        s->process(t, layer);
-    } catch (const std::exception & e) {
-        s->error = e.what();
-        return false;  // stops the graph; caption() reports the error
-    }
-    return true;
-}
-
 struct Sampler {
     llama_sampler * chain;
     explicit Sampler(const GenParams & g) {
@@ -217,7 +132,7 @@ struct Runner::Impl {
     llama_context * ctx_vhr = nullptr;    // created with the eval callback
     llama_context * ctx_plain = nullptr;  // created without any callback (--no-vhr)
     int ubatch_vhr = 0, ubatch_plain = 0;
-    CallbackState cb;
+    HeadHook hook;
     std::mutex busy;
 
     ~Impl() {
@@ -248,8 +163,8 @@ struct Runner::Impl {
         cp.flash_attn_type = p.flash_attn < 0 ? LLAMA_FLASH_ATTN_TYPE_AUTO
                            : p.flash_attn ? LLAMA_FLASH_ATTN_TYPE_ENABLED : LLAMA_FLASH_ATTN_TYPE_DISABLED;
         cp.no_perf = true;
-        cp.cb_eval = with_callback ? eval_callback : nullptr;
-        cp.cb_eval_user_data = with_callback ? &cb : nullptr;
+        cp.cb_eval = with_callback ? HeadHook::eval_callback : nullptr;
+        cp.cb_eval_user_data = with_callback ? &hook : nullptr;
         ctx = llama_init_from_model(model, cp);
         if (!ctx) fail("cannot create a llama.cpp context (n_ctx " + std::to_string(p.n_ctx) + "): " + take_last_error());
         return ctx;
@@ -304,22 +219,22 @@ struct Runner::Impl {
         return mtmd_get_output_embd(mtmd);
     }
 
-    void prepare_callback(const VhrParams & v) {
-        cb.phase = CallbackState::Phase::idle;
-        cb.n_layer = n_layer;
-        cb.n_head = n_head;
-        cb.alpha = v.alpha;
-        cb.outlier_rule = v.outlier_rule;
-        cb.random_mode = v.head_mode == "random";
-        cb.rng.seed(v.random_seed);
-        cb.forced = v.forced_heads;
-        cb.scored.assign(n_layer, 0);
-        for (int l : v.layers) cb.scored[l] = 1;
-        for (const auto & kv : v.forced_heads) cb.scored[kv.first] = 1;
-        cb.heads.assign(n_layer, {});
-        cb.vhd.assign((size_t) n_layer * n_head, 0.0f);
-        cb.ta.assign((size_t) n_layer * n_head, 0.0f);
-        cb.error.clear();
+    void arm_hook(const VhrParams & v) {
+        hook.phase = HeadHook::Phase::idle;
+        hook.n_layer = n_layer;
+        hook.n_head = n_head;
+        hook.alpha = v.alpha;
+        hook.outlier_rule = v.outlier_rule;
+        hook.random_mode = v.head_mode == "random";
+        hook.rng.seed(v.random_seed);
+        hook.forced = v.forced_heads;
+        hook.scored.assign(n_layer, 0);
+        for (int l : v.layers) hook.scored[l] = 1;
+        for (const auto & kv : v.forced_heads) hook.scored[kv.first] = 1;
+        hook.heads.assign(n_layer, {});
+        hook.vhd.assign((size_t) n_layer * n_head, 0.0f);
+        hook.ta.assign((size_t) n_layer * n_head, 0.0f);
+        hook.error.clear();
     }
 
     void validate(VhrParams & v, const GenParams & g) const {
@@ -491,14 +406,14 @@ Result Runner::caption(const RgbImage & image, const std::string & prompt,
     if (two) b.logits[col_txt] = 1;
 
     if (two) {
-        m.prepare_callback(vhr);
-        m.cb.col_img = col_img;
-        m.cb.col_txt = col_txt;
-        m.cb.phase = CallbackState::Phase::prefill;
+        m.arm_hook(vhr);
+        m.hook.col_img = col_img;
+        m.hook.col_txt = col_txt;
+        m.hook.phase = HeadHook::Phase::prefill;
     }
     const int32_t rc = llama_decode(ctx, b);
     if (rc != 0) fail("llama_decode failed on the prefill (code " + std::to_string(rc) + ") " + take_last_error());
-    if (two && !m.cb.error.empty()) fail("VHR callback: " + m.cb.error);
+    if (two && !m.hook.error.empty()) fail("VHR callback: " + m.hook.error);
     r.timings.n_prompt_rows = (int) n_rows;
 
     // ---- first token, then drop the text-only sequence
@@ -510,7 +425,7 @@ Result Runner::caption(const RgbImage & image, const std::string & prompt,
     llama_token tok = sampler.sample(ctx, (int32_t) col_img);
     if (two) {
         llama_memory_seq_rm(llama_get_memory(ctx), 1, -1, -1);
-        m.cb.phase = CallbackState::Phase::decode;
+        m.hook.phase = HeadHook::Phase::decode;
     }
     r.timings.prefill_ms = ms_since(t0);
 
@@ -532,13 +447,13 @@ Result Runner::caption(const RgbImage & image, const std::string & prompt,
         one.b.logits[0] = 1;
         const int32_t rc2 = llama_decode(ctx, one.b);
         if (rc2 != 0) fail("llama_decode failed while decoding (code " + std::to_string(rc2) + ")");
-        if (two && !m.cb.error.empty()) fail("VHR callback: " + m.cb.error);
+        if (two && !m.hook.error.empty()) fail("VHR callback: " + m.hook.error);
         tok = sampler.sample(ctx, -1);
         r.timings.n_decoded++;
     }
     r.timings.decode_ms = ms_since(t0);
     r.timings.tokens_per_s = r.timings.decode_ms > 0 ? 1000.0 * r.timings.n_decoded / r.timings.decode_ms : 0.0;
-    if (two) m.cb.phase = CallbackState::Phase::idle;
+    if (two) m.hook.phase = HeadHook::Phase::idle;
 
     // ---- text
     std::string out(r.tokens.size() * 16 + 16, '\0');
@@ -561,9 +476,9 @@ Result Runner::caption(const RgbImage & image, const std::string & prompt,
             if (!std::count(r.layers.begin(), r.layers.end(), kv.first)) r.layers.push_back(kv.first);
         }
         std::sort(r.layers.begin(), r.layers.end());
-        for (int l : r.layers) r.selected_heads[l] = m.cb.heads[l];
-        r.vhd = m.cb.vhd;
-        r.ta = m.cb.ta;
+        for (int l : r.layers) r.selected_heads[l] = m.hook.heads[l];
+        r.vhd = m.hook.vhd;
+        r.ta = m.hook.ta;
     } else {
         r.vhd.assign((size_t) m.n_layer * m.n_head, 0.0f);
         r.ta = r.vhd;

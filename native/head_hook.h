@@ -1,0 +1,48 @@
+// head_hook: VHR inside llama.cpp's graph (VHR_SPEC sections 4-5).
+//
+// An eval callback on `kqv_out-<l>` (per-head attention output before W_o, [n_embd, n_tokens]).
+// Prefill: for each layer of the set, score VHD/TA from the last columns of the image prompt
+// and of the text-only prompt, select heads, scale them in every column, and let the graph
+// continue, so higher layers are scored after lower ones were reinforced.
+// Decode: scale the same heads in the new token's column.
+#pragma once
+
+#include <cstdint>
+#include <map>
+#include <random>
+#include <string>
+#include <vector>
+
+#include "ggml.h"
+
+namespace vhr {
+
+struct HeadHook {
+    enum class Phase { idle, prefill, decode };
+    Phase phase = Phase::idle;
+    int n_layer = 0, n_head = 0;
+    float alpha = 1.0f;
+    bool outlier_rule = true;
+    bool random_mode = false;                 // the control: random heads, VHR's counts
+    std::mt19937 rng;
+    std::vector<char> scored;                 // layers in the set (prefill)
+    std::map<int, std::vector<int>> forced;   // layers whose heads are given
+    std::vector<std::vector<int>> heads;      // selected heads per layer
+    int64_t col_img = -1, col_txt = -1;       // last positions of seq 0 / seq 1 in the batch
+    std::vector<float> vhd, ta;               // n_layer * n_head, filled during the prefill
+    std::string error;                        // set when the callback had to stop the graph
+
+    bool wants(int layer) const;
+    void process(ggml_tensor * t, int layer);
+
+    // ggml_backend_sched_eval_callback; user_data is the HeadHook.
+    static bool eval_callback(ggml_tensor * t, bool ask, void * user_data);
+
+private:
+    std::vector<float> scratch_;  // device tensors are copied here and back
+};
+
+// "kqv_out-12" -> 12; anything else -> -1.
+int kqv_out_layer(const char * name);
+
+}  // namespace vhr
