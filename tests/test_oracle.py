@@ -1,0 +1,152 @@
+"""The native engine against an independent PyTorch/transformers reference (vhr_edge.oracle).
+
+Both run the tiny F32 fixtures from the same GGUF and the same libmtmd image rows, so any
+difference comes from the text model, the head scoring/selection/scaling, or decoding.
+The engine keeps its KV cache in F16 (and ggml's CPU attention rounds Q and the softmax
+to F16 for the F16 matmuls), so logits agree to ~1e-4 of their range, not to F32 rounding.
+The images were picked so that no greedy step is a near-tie (top-2 logit gap of a few
+1e-3 would let F16 rounding flip a token: scene(3) without VHR does that at step 16).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+pytest.importorskip("torch")
+pytest.importorskip("transformers")
+
+from conftest import GQA_SPEC, SPEC, scene  # noqa: E402
+from vhr_edge import DEFAULT_PROMPT  # noqa: E402
+from vhr_edge.layers import auto_layers  # noqa: E402
+from vhr_edge.oracle import load_hf_llama_from_gguf, select_heads, vhr_reference  # noqa: E402
+
+LAYERS = auto_layers(SPEC.n_layer)
+N_PREDICT = 32
+LOGIT_RTOL = 5e-4  # of the logit range (max - min); measured ~1.5e-4
+VHD_RTOL = 1e-3  # max |diff| / max |vhd| per scored layer; measured ~3e-4
+
+
+@pytest.fixture(scope="module")
+def hf(tiny):
+    return load_hf_llama_from_gguf(tiny[0])
+
+
+@pytest.fixture(scope="module")
+def gqa(tiny_gqa):
+    from vhr_edge import Session
+
+    s = Session(*tiny_gqa, n_threads=2)
+    yield s, load_hf_llama_from_gguf(tiny_gqa[0])
+    s.close()
+
+
+def _run_both(session, model, img, *, vhr, **kw):
+    """(engine CaptionResult, oracle dict) for one image with the same settings."""
+    e = session._runner.embed_image(img, DEFAULT_PROMPT, session.prompt_template)
+    layers = kw.pop("layers", LAYERS)
+    r = session.caption(img, DEFAULT_PROMPT, vhr=vhr, layers=layers, n_predict=N_PREDICT, keep_logits=True, **kw)
+    o = vhr_reference(model, e["prefix"], e["image"], e["suffix"], layers=layers, vhr=vhr, n_predict=N_PREDICT, **kw)
+    return r, o
+
+
+def _check_logits_and_tokens(r, o):
+    ref = o["first_logits"]
+    assert r.first_logits.shape == ref.shape
+    diff = float(np.abs(r.first_logits - ref).max())
+    span = float(ref.max() - ref.min())
+    assert diff <= LOGIT_RTOL * span, f"first logits differ by {diff:.3e} (range {span:.2f})"
+    if r.tokens != o["tokens"]:
+        k = next((i for i, (a, b) in enumerate(zip(r.tokens, o["tokens"])) if a != b), min(len(r.tokens), len(o["tokens"])))
+        pytest.fail(f"tokens diverge at step {k}: engine {r.tokens[k:k + 4]} oracle {o['tokens'][k:k + 4]} "
+                    f"(lengths {len(r.tokens)}, {len(o['tokens'])})")
+    return diff
+
+
+def _check_vhr(r, o, layers=LAYERS):
+    assert sorted(r.vhr.layers) == list(layers)
+    n_layer, n_head = r.vhr.vhd.shape
+    assert o["vhd"].shape == (n_layer, n_head)
+    worst = 0.0
+    for name in ("vhd", "ta"):
+        eng, ref = getattr(r.vhr, name), o[name]
+        for l in range(n_layer):
+            if l not in layers:
+                assert not eng[l].any() and not ref[l].any(), f"{name} row {l} should be zero (layer not scored)"
+                continue
+            assert ref[l].max() > 0
+            rel = float(np.abs(eng[l] - ref[l]).max() / np.abs(ref[l]).max())
+            assert rel <= VHD_RTOL, f"{name}[{l}] rel. error {rel:.2e}: engine {eng[l]} oracle {ref[l]}"
+            if name == "vhd":
+                worst = max(worst, rel)
+    assert r.vhr.selected_heads == o["selected_heads"]
+    assert all(len(h) > 0 for h in o["selected_heads"].values())
+    return worst
+
+
+@pytest.mark.parametrize("seed", [1, 2])
+def test_no_vhr_matches_reference(session, hf, seed):
+    r, o = _run_both(session, hf, scene(seed), vhr=False)
+    _check_logits_and_tokens(r, o)
+    assert len(o["tokens"]) == N_PREDICT  # a full-length comparison, not an early EOS
+
+
+@pytest.mark.parametrize("seed", [1, 2, 5])
+def test_vhr_alpha2_matches_reference(session, hf, seed):
+    img = scene(seed)
+    r, o = _run_both(session, hf, img, vhr=True, alpha=2.0)
+    _check_vhr(r, o)
+    _check_logits_and_tokens(r, o)
+    # VHR must actually move the model here, or the comparison would prove little
+    _, base = _run_both(session, hf, img, vhr=False)
+    assert np.abs(base["first_logits"] - o["first_logits"]).max() > 1.0
+    assert base["tokens"] != o["tokens"]
+
+
+def test_outlier_rule_fires_on_scene5(hf, session):
+    """scene(5) has a layer where the outlier rule changes the selection, so both settings are exercised."""
+    r, _ = _run_both(session, hf, scene(5), vhr=True)
+    changed = [l for l in LAYERS if select_heads(r.vhr.vhd[l], r.vhr.ta[l], True)
+               != select_heads(r.vhr.vhd[l], r.vhr.ta[l], False)]
+    assert changed, "pick another image: the outlier rule changes nothing on this one"
+
+
+def test_outlier_rule_off_matches_reference(session, hf):
+    r, o = _run_both(session, hf, scene(5), vhr=True, outlier_rule=False)
+    _check_vhr(r, o)
+    _check_logits_and_tokens(r, o)
+    for l in LAYERS:  # the plain median rule
+        assert o["selected_heads"][l] == select_heads(o["vhd"][l], o["ta"][l], outlier_rule=False)
+
+
+def test_alpha3_matches_reference(session, hf):
+    r, o = _run_both(session, hf, scene(4), vhr=True, alpha=3.0)
+    _check_vhr(r, o)
+    _check_logits_and_tokens(r, o)
+
+
+def test_custom_layer_set_matches_reference(session, hf):
+    r, o = _run_both(session, hf, scene(2), vhr=True, layers=[0, 3, 7])
+    _check_vhr(r, o, layers=[0, 3, 7])
+    _check_logits_and_tokens(r, o)
+
+
+@pytest.mark.parametrize("vhr", [False, True])
+def test_gqa_matches_reference(gqa, vhr):
+    s, model = gqa
+    assert s.info.n_head_kv == GQA_SPEC.kv_heads < s.n_head
+    r, o = _run_both(s, model, scene(2), vhr=vhr)
+    if vhr:
+        _check_vhr(r, o)
+    _check_logits_and_tokens(r, o)
+
+
+def test_loaders_agree(tiny, hf):
+    """transformers' GGUF conversion and our GGUFReader path un-permute q/k identically."""
+    import torch
+
+    other = load_hf_llama_from_gguf(tiny[0], loader="gguf").state_dict()
+    mine = hf.state_dict()
+    assert mine.keys() == other.keys()
+    for k in mine:
+        assert torch.equal(mine[k], other[k]), k
