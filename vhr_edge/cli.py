@@ -3,6 +3,8 @@
     vhr-edge caption IMG [IMG ...] [-m MODEL] [--mmproj MMPROJ] [-p PROMPT] [-n N]
                      [--alpha 2] [--layers 1,18-31|auto|all] [--no-vhr] [--json] ...
     vhr-edge info MODEL [--json]
+    vhr-edge serve [-m MODEL] [--mmproj MMPROJ] [--host 127.0.0.1] [--port 8080] [--api-key KEY]
+    vhr-edge watch DIR|- [-m MODEL] [--hz 2] [--max-frames N]
 
 Errors are one line on stderr and a non-zero exit: 1 bad input / run failure,
 2 bad usage, 130 interrupted.
@@ -13,7 +15,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import sys
+import threading
 import traceback
 from pathlib import Path
 
@@ -92,6 +96,27 @@ def build_parser() -> argparse.ArgumentParser:
     cap.add_argument("--json", action="store_true", help="one JSON object per image on stdout (JSON lines)")
     cap.set_defaults(func=cmd_caption)
 
+    srv = sub.add_parser("serve", help="OpenAI-style HTTP captioner (POST /v1/chat/completions, GET /health)")
+    _add_model_args(srv)
+    srv.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+    srv.add_argument("--port", type=int, default=8080)
+    srv.add_argument("--api-key", default=os.environ.get("VHR_EDGE_API_KEY"),
+                     help="require 'Authorization: Bearer KEY' (default: $VHR_EDGE_API_KEY, none)")
+    srv.add_argument("--max-queue", type=int, default=8, help="requests waiting behind the engine before 429")
+    srv.add_argument("--max-body-mb", type=float, default=20.0, help="request body limit (413 above)")
+    srv.add_argument("--allow-local-files", action="store_true",
+                     help="accept image_url values that are paths on this machine")
+    srv.set_defaults(func=cmd_serve)
+
+    wat = sub.add_parser("watch", help="caption the newest frame of a folder (or of paths on stdin) as it appears")
+    wat.add_argument("source", metavar="DIR|-", help="folder to watch, or - for JSON lines {\"path\": ...} on stdin")
+    _add_model_args(wat)
+    _add_vhr_args(wat)
+    _add_gen_args(wat)
+    wat.add_argument("--hz", type=float, default=0.0, help="at most this many captions per second (0: as fast as possible)")
+    wat.add_argument("--max-frames", type=int, default=0, help="stop after N captions (0: run until stopped)")
+    wat.set_defaults(func=cmd_watch)
+
     info = sub.add_parser("info", help="print a GGUF's architecture, shapes and tensor types")
     info.add_argument("model", metavar="MODEL")
     info.add_argument("--json", action="store_true")
@@ -129,20 +154,37 @@ def open_session(args):
                    n_ctx=args.ctx_size, flash_attn=fa, verbose=args.verbose)
 
 
-def cmd_caption(args) -> int:
-    from .layers import format_layers
+def configs(args):
+    """VhrConfig and GenerationConfig from the VHR and generation flags."""
     from .session import GenerationConfig, VhrConfig
 
     if not (args.alpha > 0):
         raise ConfigError(f"--alpha must be > 0, got {args.alpha}")
     if args.n_predict < 1:
         raise ConfigError(f"-n must be at least 1, got {args.n_predict}")
-    session = open_session(args)
     vhr = VhrConfig(enabled=not args.no_vhr, alpha=args.alpha, layers=args.layers,
                     outlier_rule=not args.no_outlier_rule,
                     head_mode="random" if args.random_heads else "vhd", random_seed=args.seed)
     gen = GenerationConfig(n_predict=args.n_predict, temp=args.temp, top_k=args.top_k, top_p=args.top_p,
                            seed=args.seed, ignore_eos=args.ignore_eos)
+    return vhr, gen
+
+
+def on_stop_signals(callback) -> None:
+    """SIGINT and SIGTERM both call `callback` (once is enough; a second SIGINT interrupts)."""
+    def handler(signum, frame):
+        callback()
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+
+    signal.signal(signal.SIGINT, handler)
+    signal.signal(signal.SIGTERM, handler)
+
+
+def cmd_caption(args) -> int:
+    from .layers import format_layers
+
+    vhr, gen = configs(args)
+    session = open_session(args)
     failures = 0
     for image in args.images:
         try:
@@ -162,6 +204,47 @@ def cmd_caption(args) -> int:
             print(f"[{mode} | {r.n_tokens} tokens ({r.stop_reason}) | encode {t.image_encode_ms:.0f} ms, "
                   f"prefill {t.prefill_ms:.0f} ms, decode {t.tokens_per_s:.1f} tok/s]", file=sys.stderr, flush=True)
     return EXIT_ERROR if failures else 0
+
+
+def cmd_serve(args) -> int:
+    from .serve import make_server
+
+    if not 1 <= args.max_queue <= 10_000:
+        raise ConfigError(f"--max-queue must be in 1..10000, got {args.max_queue}")
+    if not 0 <= args.port <= 65535:
+        raise ConfigError(f"--port must be in 0..65535, got {args.port}")
+    session = open_session(args)
+    try:
+        server, service = make_server(session, args.host, args.port, api_key=args.api_key,
+                                      max_queue=args.max_queue, max_body=int(args.max_body_mb * 1024 * 1024),
+                                      allow_local_files=args.allow_local_files, quiet=not args.verbose)
+    except OSError as e:
+        raise ConfigError(f"cannot listen on {args.host}:{args.port}: {e.strerror or e}") from None
+    host, port = server.server_address[:2]
+    on_stop_signals(lambda: threading.Thread(target=server.shutdown, daemon=True).start())
+    print(f"vhr-edge: serving {Path(session.model_path).name} on http://{host}:{port} "
+          f"(POST /v1/chat/completions, GET /health)", file=sys.stderr, flush=True)
+    try:
+        server.serve_forever(poll_interval=0.2)
+    finally:
+        service.stop()
+        server.server_close()
+    print("vhr-edge: stopped", file=sys.stderr, flush=True)
+    return 0
+
+
+def cmd_watch(args) -> int:
+    from .watch import frames_for, watch
+
+    vhr, gen = configs(args)
+    if args.hz < 0:
+        raise ConfigError(f"--hz must be >= 0, got {args.hz}")
+    session = open_session(args)
+    stop = threading.Event()
+    on_stop_signals(stop.set)
+    watch(session, frames_for(args.source, stop), sys.stdout, prompt=args.prompt, vhr=vhr, gen=gen,
+          hz=args.hz, max_frames=args.max_frames, stop=stop)
+    return 0
 
 
 def cmd_info(args) -> int:

@@ -1,0 +1,342 @@
+"""`vhr-edge serve`: an OpenAI-style HTTP captioner around one loaded Session.
+
+    POST /v1/chat/completions   {"messages": [{"role": "user", "content": [
+                                    {"type": "text", "text": "Please describe this image in detail."},
+                                    {"type": "image_url", "image_url": {"url": "data:image/png;base64,..."}}]}],
+                                 "max_tokens": 128, "temperature": 0, "seed": 0,
+                                 "vhr": {"enabled": true, "alpha": 2, "layers": "auto"}}
+    GET  /health                 {"status": "ok", ...}
+    GET  /v1/models
+
+One engine thread captions requests in arrival order; at most `max_queue` wait behind it,
+the next one gets 429. Bodies above `max_body` bytes and images above `max_pixels` get 413.
+Errors use OpenAI's shape: {"error": {"message", "type", "code"}}.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+import queue
+import threading
+import time
+import uuid
+from dataclasses import dataclass, field
+from http import HTTPStatus
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any, Optional
+
+from . import DEFAULT_PROMPT
+from .errors import ConfigError, ImageError, VhrEdgeError
+from .images import load_image
+from .session import GenerationConfig, Session, VhrConfig
+
+MAX_BODY = 20 * 1024 * 1024
+MAX_PIXELS = 16_000_000
+MAX_NEW_TOKENS = 2048
+
+
+class HttpError(Exception):
+    def __init__(self, status: int, message: str, code: Optional[str] = None):
+        super().__init__(message)
+        self.status, self.message, self.code = status, message, code
+
+
+@dataclass
+class Job:
+    image: Any
+    prompt: str
+    vhr: VhrConfig
+    gen: GenerationConfig
+    done: threading.Event = field(default_factory=threading.Event)
+    result: Any = None
+    error: Optional[HttpError] = None
+
+
+class CaptionService:
+    """The queue in front of the engine: one worker, bounded waiting room."""
+
+    def __init__(self, session: Session, max_queue: int = 8):
+        self.session = session
+        self.jobs: "queue.Queue[Optional[Job]]" = queue.Queue(maxsize=max_queue)
+        self.max_queue = max_queue
+        self.served = 0
+        self._stopping = threading.Event()
+        self._worker = threading.Thread(target=self._run, name="vhr-edge-engine", daemon=True)
+        self._worker.start()
+
+    def submit(self, job: Job, timeout: float = 600.0) -> Job:
+        if self._stopping.is_set():
+            raise HttpError(503, "server is shutting down", "shutting_down")
+        try:
+            self.jobs.put_nowait(job)
+        except queue.Full:
+            raise HttpError(429, f"busy: {self.max_queue} requests already waiting; retry later", "queue_full") from None
+        if not job.done.wait(timeout):
+            raise HttpError(504, "caption timed out", "timeout")
+        if job.error:
+            raise job.error
+        return job
+
+    def _run(self) -> None:
+        while True:
+            job = self.jobs.get()
+            if job is None:
+                return
+            try:
+                rgb = load_image(job.image, max_pixels=MAX_PIXELS)
+                job.result = self.session.caption(rgb, job.prompt, vhr=job.vhr, gen=job.gen)
+                self.served += 1
+            except ImageError as e:
+                status = 413 if "too large" in str(e) else 400
+                job.error = HttpError(status, str(e), "invalid_image")
+            except (ConfigError, VhrEdgeError) as e:
+                job.error = HttpError(400, str(e), "invalid_request")
+            except Exception as e:  # a bug must not kill the worker
+                job.error = HttpError(500, f"internal error: {type(e).__name__}: {e}", "internal")
+            finally:
+                job.done.set()
+
+    def stop(self) -> None:
+        """Finish the caption in progress, refuse the rest (503), stop the worker."""
+        self._stopping.set()
+        while True:
+            try:
+                job = self.jobs.get_nowait()
+            except queue.Empty:
+                break
+            if job is not None:
+                job.error = HttpError(503, "server is shutting down", "shutting_down")
+                job.done.set()
+        self.jobs.put(None)
+        self._worker.join(timeout=60)
+
+
+# ---- request parsing -----------------------------------------------------------------
+
+
+def decode_image_url(url: Any, allow_local_files: bool) -> Any:
+    if not isinstance(url, str) or not url:
+        raise HttpError(400, "image_url.url must be a non-empty string", "invalid_image_url")
+    if url.startswith("data:"):
+        header, sep, payload = url.partition(",")
+        if not sep or ";base64" not in header:
+            raise HttpError(400, "image data URI must be base64: data:image/...;base64,...", "invalid_image_url")
+        if not header[5:].startswith("image/"):
+            raise HttpError(400, f"data URI media type must be image/*, got {header[5:].split(';')[0] or 'none'}",
+                            "invalid_image_url")
+        try:
+            data = base64.b64decode(payload, validate=True)
+        except (binascii.Error, ValueError):
+            raise HttpError(400, "image data URI is not valid base64", "invalid_base64") from None
+        if not data:
+            raise HttpError(400, "image data URI is empty", "invalid_image")
+        return data
+    if url.startswith(("http://", "https://")):
+        raise HttpError(400, "remote image URLs are not fetched; send a data URI", "invalid_image_url")
+    if not allow_local_files:
+        raise HttpError(400, "local image paths are disabled; start the server with --allow-local-files", "invalid_image_url")
+    path = Path(url[7:] if url.startswith("file://") else url)
+    if not path.is_file():
+        raise HttpError(400, f"image not found: {path}", "invalid_image_url")
+    return path
+
+
+def parse_request(body: dict, allow_local_files: bool) -> Job:
+    if not isinstance(body, dict):
+        raise HttpError(400, "request body must be a JSON object", "invalid_request")
+    messages = body.get("messages")
+    if not isinstance(messages, list) or not messages:
+        raise HttpError(400, "'messages' must be a non-empty list", "missing_messages")
+    user = [m for m in messages if isinstance(m, dict) and m.get("role") == "user"]
+    if not user:
+        raise HttpError(400, "no message with role 'user'", "missing_messages")
+    content = user[-1].get("content")
+    parts = [{"type": "text", "text": content}] if isinstance(content, str) else content
+    if not isinstance(parts, list):
+        raise HttpError(400, "message content must be a string or a list of parts", "invalid_content")
+    texts, images = [], []
+    for p in parts:
+        if not isinstance(p, dict):
+            raise HttpError(400, "each content part must be an object", "invalid_content")
+        if p.get("type") == "text":
+            if not isinstance(p.get("text"), str):
+                raise HttpError(400, "text part needs a string 'text'", "invalid_content")
+            texts.append(p["text"])
+        elif p.get("type") == "image_url":
+            iu = p.get("image_url")
+            url = iu.get("url") if isinstance(iu, dict) else iu
+            images.append(decode_image_url(url, allow_local_files))
+        else:
+            raise HttpError(400, f"unsupported content part type {p.get('type')!r}", "invalid_content")
+    if len(images) != 1:
+        raise HttpError(400, f"exactly one image_url part is needed, got {len(images)}", "invalid_content")
+    prompt = " ".join(t.strip() for t in texts if t.strip()) or DEFAULT_PROMPT
+
+    def number(key, kind, default, lo=None, hi=None):
+        v = body.get(key, default)
+        if v is None:
+            return default
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or (kind is int and not float(v).is_integer()):
+            raise HttpError(400, f"'{key}' must be a number", "invalid_parameter")
+        v = kind(v)
+        if (lo is not None and v < lo) or (hi is not None and v > hi):
+            raise HttpError(400, f"'{key}' must be in [{lo}, {hi}]", "invalid_parameter")
+        return v
+
+    gen = GenerationConfig(
+        n_predict=number("max_tokens", int, 512, 1, MAX_NEW_TOKENS),
+        temp=number("temperature", float, 0.0, 0.0, 5.0),
+        top_p=number("top_p", float, 0.95, 1e-6, 1.0),
+        seed=number("seed", int, 0, 0, 2**32 - 1),
+    )
+    v = body.get("vhr", {})
+    if v is None:
+        v = {}
+    if not isinstance(v, dict):
+        raise HttpError(400, "'vhr' must be an object {enabled, alpha, layers}", "invalid_parameter")
+    unknown = set(v) - {"enabled", "alpha", "layers"}
+    if unknown:
+        raise HttpError(400, f"unknown vhr field(s): {', '.join(sorted(unknown))}", "invalid_parameter")
+    alpha = v.get("alpha", 2.0)
+    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not alpha > 0:
+        raise HttpError(400, "vhr.alpha must be a number > 0", "invalid_parameter")
+    layers = v.get("layers", "auto")
+    if not isinstance(layers, (str, list)):
+        raise HttpError(400, "vhr.layers must be 'auto', 'all', '1,18-31' or a list of ints", "invalid_parameter")
+    vhr = VhrConfig(enabled=bool(v.get("enabled", True)), alpha=float(alpha), layers=layers)
+    return Job(image=images[0], prompt=prompt, vhr=vhr, gen=gen)
+
+
+def completion_body(job: Job, model_name: str) -> dict:
+    r = job.result
+    out = r.to_json(include_matrices=False)
+    return {
+        "id": f"chatcmpl-{uuid.uuid4().hex[:24]}",
+        "object": "chat.completion",
+        "created": int(time.time()),
+        "model": model_name,
+        "choices": [{
+            "index": 0,
+            "message": {"role": "assistant", "content": r.text},
+            "finish_reason": "stop" if r.stop_reason == "eos" else "length",
+        }],
+        "usage": {"prompt_tokens": r.timings.n_prompt_rows, "completion_tokens": r.n_tokens,
+                  "total_tokens": r.timings.n_prompt_rows + r.n_tokens},
+        "vhr": out["vhr"],
+        "timings": out["timings"],
+    }
+
+
+# ---- HTTP ----------------------------------------------------------------------------
+
+
+class Handler(BaseHTTPRequestHandler):
+    server_version = "vhr-edge"
+    protocol_version = "HTTP/1.1"
+
+    # set by make_server
+    service: CaptionService
+    api_key: Optional[str] = None
+    allow_local_files = False
+    max_body = MAX_BODY
+    model_name = "vhr-edge"
+    quiet = True
+
+    def log_message(self, fmt, *args):  # access log only when asked
+        if not self.quiet:
+            super().log_message(fmt, *args)
+
+    def _send(self, status: int, payload: dict) -> None:
+        data = json.dumps(payload).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        if status == 429:
+            self.send_header("Retry-After", "1")
+        self.end_headers()
+        self.wfile.write(data)
+
+    def _error(self, e: HttpError) -> None:
+        kind = {401: "authentication_error", 429: "rate_limit_error"}.get(
+            e.status, "server_error" if e.status >= 500 else "invalid_request_error")
+        self._send(e.status, {"error": {"message": e.message, "type": kind, "code": e.code}})
+
+    def _authorized(self) -> bool:
+        if not self.api_key:
+            return True
+        return self.headers.get("Authorization", "") == f"Bearer {self.api_key}"
+
+    def do_GET(self):
+        path = self.path.split("?")[0]
+        if path == "/health":
+            s = self.service
+            return self._send(200, {"status": "ok", "model": self.model_name, "queued": s.jobs.qsize(),
+                                    "max_queue": s.max_queue, "served": s.served})
+        if not self._authorized():
+            return self._error(HttpError(401, "missing or wrong API key (Authorization: Bearer ...)", "invalid_api_key"))
+        if path == "/v1/models":
+            return self._send(200, {"object": "list", "data": [{"id": self.model_name, "object": "model",
+                                                                 "owned_by": "vhr-edge"}]})
+        self._error(HttpError(404, f"no route {path}", "not_found"))
+
+    def do_POST(self):
+        try:
+            body = self._read_body()  # always drain the body, so the connection stays usable
+            if self.path.split("?")[0] != "/v1/chat/completions":
+                raise HttpError(404, f"no route {self.path}", "not_found")
+            if not self._authorized():
+                raise HttpError(401, "missing or wrong API key (Authorization: Bearer ...)", "invalid_api_key")
+            ctype = self.headers.get("Content-Type", "").split(";")[0].strip().lower()
+            if ctype != "application/json":
+                raise HttpError(415, f"Content-Type must be application/json, got {ctype or 'none'}", "unsupported_media_type")
+            try:
+                payload = json.loads(body)
+            except (UnicodeDecodeError, json.JSONDecodeError) as e:
+                raise HttpError(400, f"malformed JSON: {e}", "invalid_json") from None
+            job = self.service.submit(parse_request(payload, self.allow_local_files))
+            self._send(200, completion_body(job, self.model_name))
+        except HttpError as e:
+            self._error(e)
+        except Exception as e:  # never a 500 without a body
+            self._error(HttpError(500, f"internal error: {type(e).__name__}: {e}", "internal"))
+
+    def _read_body(self) -> bytes:
+        length = self.headers.get("Content-Length")
+        if length is None:
+            raise HttpError(411, "Content-Length is required", "length_required")
+        try:
+            n = int(length)
+        except ValueError:
+            raise HttpError(400, "bad Content-Length", "invalid_request") from None
+        if n < 0:
+            raise HttpError(400, "bad Content-Length", "invalid_request")
+        if n > self.max_body:
+            remaining = n if n <= 4 * self.max_body else 0  # drain it, so the client reads our answer
+            while remaining > 0:
+                chunk = self.rfile.read(min(1 << 20, remaining))
+                if not chunk:
+                    break
+                remaining -= len(chunk)
+            self.close_connection = True
+            raise HttpError(413, f"request body of {n} bytes exceeds the limit of {self.max_body}", "body_too_large")
+        return self.rfile.read(n)
+
+    def do_PUT(self):
+        self._error(HttpError(405, "method not allowed", "method_not_allowed"))
+
+    do_DELETE = do_PATCH = do_PUT
+
+
+def make_server(session: Session, host: str = "127.0.0.1", port: int = 8080, *, api_key: Optional[str] = None,
+                max_queue: int = 8, max_body: int = MAX_BODY, allow_local_files: bool = False,
+                model_name: Optional[str] = None, quiet: bool = True) -> tuple[ThreadingHTTPServer, CaptionService]:
+    service = CaptionService(session, max_queue=max_queue)
+    attrs = dict(service=service, api_key=api_key, allow_local_files=allow_local_files, max_body=max_body,
+                 model_name=model_name or Path(session.model_path).name, quiet=quiet)
+    handler = type("BoundHandler", (Handler,), attrs)
+    server = ThreadingHTTPServer((host, port), handler)
+    server.daemon_threads = True
+    return server, service
