@@ -40,26 +40,24 @@ def chat(url: str, text: str = "Describe.", **extra) -> dict:
     return body
 
 
-@pytest.fixture(scope="module")
-def server(session):
-    srv, service = make_server(session, "127.0.0.1", 0, max_queue=3, max_body=2 * 1024 * 1024)
+def running(session, **kw):
+    srv, service = make_server(session, "127.0.0.1", 0, **kw)
     t = threading.Thread(target=srv.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
     t.start()
     yield srv
     srv.shutdown()
     service.stop()
     srv.server_close()
+
+
+@pytest.fixture(scope="module")
+def server(session):
+    yield from running(session, max_queue=3, max_body=2 * 1024 * 1024)
 
 
 @pytest.fixture(scope="module")
 def keyed_server(session):
-    srv, service = make_server(session, "127.0.0.1", 0, api_key="s3cret")
-    t = threading.Thread(target=srv.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
-    t.start()
-    yield srv
-    srv.shutdown()
-    service.stop()
-    srv.server_close()
+    yield from running(session, api_key="s3cret")
 
 
 def request(srv, method="POST", path="/v1/chat/completions", body=None, headers=None, raw: bytes | None = None):

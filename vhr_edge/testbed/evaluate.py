@@ -1,0 +1,133 @@
+"""How well the testbed model sees, and how much it hallucinates (numbers for the model card).
+
+    python -m vhr_edge.testbed.evaluate -m MODEL.gguf --mmproj MMPROJ.gguf --split counterfactual -n 200
+        [--seed 1000] [--no-vhr | --alpha A] [--random-heads] [--out DIR]
+
+Per split, over greedy captions of "Please describe this image in detail." (exact ground truth):
+- recall          mentioned ground-truth objects / ground-truth objects
+- colour_acc      mentioned ground-truth objects whose colour word is right / those mentioned
+- chair_s         captions with at least one hallucinated object / captions
+- chair_i         hallucinated object mentions / all object mentions (distinct per caption)
+- partner_share   hallucinated objects that are a missing habitual partner of a present object
+- mean_len        words per caption
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from . import captions as cap
+from .scenes import Scene, make_split, render
+
+EVAL_SEED = 1000  # evaluation scenes: a seed no training run uses
+
+
+@dataclass
+class CaptionScore:
+    n_gt: int
+    hit: int
+    colour_ok: int
+    mentioned: list[str]
+    hallucinated: list[str]
+    partners: int  # hallucinated objects that are missing partners
+    words: int
+
+
+def score_caption(scene: Scene, text: str) -> CaptionScore:
+    gt = {o.category: o for o in scene.objects}
+    parsed = cap.parse_caption(text)
+    mentioned = list(dict.fromkeys(p["category"] for p in parsed))
+    colour_of = {}
+    for p in parsed:  # first mention of each category decides its colour
+        colour_of.setdefault(p["category"], p["colour"])
+    hit = [c for c in mentioned if c in gt]
+    hallucinated = [c for c in mentioned if c not in gt]
+    missing = set(scene.missing_partners)
+    return CaptionScore(
+        n_gt=len(gt), hit=len(hit), colour_ok=sum(colour_of[c] == gt[c].colour for c in hit),
+        mentioned=mentioned, hallucinated=hallucinated, partners=sum(c in missing for c in hallucinated),
+        words=len(text.split()),
+    )
+
+
+def summarize(scores: list[CaptionScore]) -> dict:
+    n_gt = sum(s.n_gt for s in scores)
+    hit = sum(s.hit for s in scores)
+    mentions = sum(len(s.mentioned) for s in scores)
+    hall = sum(len(s.hallucinated) for s in scores)
+    return {
+        "n": len(scores),
+        "recall": round(hit / max(1, n_gt), 4),
+        "colour_acc": round(sum(s.colour_ok for s in scores) / max(1, hit), 4),
+        "chair_s": round(sum(bool(s.hallucinated) for s in scores) / max(1, len(scores)), 4),
+        "chair_i": round(hall / max(1, mentions), 4),
+        "partner_share": round(sum(s.partners for s in scores) / max(1, hall), 4),
+        "mean_len": round(float(np.mean([s.words for s in scores])) if scores else 0.0, 2),
+    }
+
+
+def evaluate(session, split: str, n: int, seed: int = EVAL_SEED, *, vhr=None, gen=None, out_jsonl=None,
+             progress: bool = True) -> dict:
+    from ..session import GenerationConfig, VhrConfig
+
+    vhr = vhr or VhrConfig()
+    gen = gen or GenerationConfig(n_predict=96)
+    scenes = make_split(split, n, seed)
+    scores = []
+    it = scenes
+    if progress:
+        try:
+            from tqdm import tqdm
+
+            it = tqdm(scenes, desc=f"{split}", unit="img", leave=False)
+        except ImportError:
+            pass
+    f = open(out_jsonl, "w") if out_jsonl else None
+    try:
+        for s in it:
+            r = session.caption(np.asarray(render(s)), cap.DETAIL_PROMPT, vhr=vhr, gen=gen)
+            sc = score_caption(s, r.text)
+            scores.append(sc)
+            if f:
+                f.write(json.dumps({"image_id": s.id, "caption": r.text, "gt_objects": sorted(o.category for o in s.objects),
+                                    "mentioned": sc.mentioned, "hallucinated": sc.hallucinated}) + "\n")
+    finally:
+        if f:
+            f.close()
+    return summarize(scores)
+
+
+def main(argv=None) -> None:
+    from ..session import GenerationConfig, Session, VhrConfig
+
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("-m", "--model", required=True)
+    ap.add_argument("--mmproj", required=True)
+    ap.add_argument("--split", default="counterfactual", choices=["indist", "counterfactual", "train", "unbiased"])
+    ap.add_argument("-n", type=int, default=200)
+    ap.add_argument("--seed", type=int, default=EVAL_SEED)
+    ap.add_argument("--no-vhr", action="store_true")
+    ap.add_argument("--alpha", type=float, default=2.0)
+    ap.add_argument("--layers", default="auto")
+    ap.add_argument("--random-heads", action="store_true")
+    ap.add_argument("--max-tokens", type=int, default=96)
+    ap.add_argument("--out", type=Path)
+    a = ap.parse_args(argv)
+    s = Session(a.model, a.mmproj)
+    vhr = VhrConfig(enabled=not a.no_vhr, alpha=a.alpha, layers=a.layers, head_mode="random" if a.random_heads else "vhd")
+    jsonl = None
+    if a.out:
+        a.out.mkdir(parents=True, exist_ok=True)
+        tag = "greedy" if a.no_vhr else f"vhr-a{a.alpha:g}" + ("-random" if a.random_heads else "")
+        jsonl = a.out / f"{a.split}-{tag}.jsonl"
+    res = evaluate(s, a.split, a.n, a.seed, vhr=vhr, gen=GenerationConfig(n_predict=a.max_tokens), out_jsonl=jsonl)
+    print(json.dumps(res))
+
+
+if __name__ == "__main__":
+    main()
