@@ -121,6 +121,8 @@ def build_parser() -> argparse.ArgumentParser:
     info.add_argument("model", metavar="MODEL")
     info.add_argument("--json", action="store_true")
     info.set_defaults(func=cmd_info)
+    from .eval.cli import register as register_eval
+    register_eval(sub)
     return parser
 
 

@@ -8,6 +8,7 @@ Per split, over greedy captions of "Please describe this image in detail." (exac
 - colour_acc      mentioned ground-truth objects whose colour word is right / those mentioned
 - chair_s         captions with at least one hallucinated object / captions
 - chair_i         hallucinated object mentions / all object mentions (distinct per caption)
+                  (mentions are found by vhr_edge.eval.chair: negated ones, "no knife", do not count)
 - partner_share   hallucinated objects that are a missing habitual partner of a present object
 - mean_len        words per caption
 """
@@ -39,9 +40,11 @@ class CaptionScore:
 
 
 def score_caption(scene: Scene, text: str) -> CaptionScore:
+    from ..eval.chair import caption_objects, testbed_vocabulary
+
     gt = {o.category: o for o in scene.objects}
     parsed = cap.parse_caption(text)
-    mentioned = list(dict.fromkeys(p["category"] for p in parsed))
+    mentioned, _ = caption_objects(text, testbed_vocabulary())  # the CHAIR core (negation rule)
     colour_of = {}
     for p in parsed:  # first mention of each category decides its colour
         colour_of.setdefault(p["category"], p["colour"])
@@ -49,7 +52,7 @@ def score_caption(scene: Scene, text: str) -> CaptionScore:
     hallucinated = [c for c in mentioned if c not in gt]
     missing = set(scene.missing_partners)
     return CaptionScore(
-        n_gt=len(gt), hit=len(hit), colour_ok=sum(colour_of[c] == gt[c].colour for c in hit),
+        n_gt=len(gt), hit=len(hit), colour_ok=sum(colour_of.get(c) == gt[c].colour for c in hit),
         mentioned=mentioned, hallucinated=hallucinated, partners=sum(c in missing for c in hallucinated),
         words=len(text.split()),
     )

@@ -1,0 +1,223 @@
+"""`vhr-edge eval chair|pope`: hallucination numbers for one model and one method.
+
+    vhr-edge eval chair [--testbed SPLIT | --images DIR --annotations FILE [--captions FILE]]
+                        [--seed S] [-n N] [-m MODEL --mmproj M] [--no-vhr] [--alpha A] [--layers L]
+                        --out DIR [--tag TAG] [--json]
+    vhr-edge eval pope  [--split random|popular|adversarial|all] (same data / model / method flags)
+
+Data default: the testbed's counterfactual split, seed 1000, 500 scenes. The method tag
+(default "greedy" or "vhr-a2", "...-L1,4-7", "-random", "-nooutlier") names the result files
+in --out, so greedy and VHR runs share one folder and one ids.json. A killed run started again
+with the same flags continues where it stopped. --json prints the summary object as the last
+line of stdout; the progress bar goes to stderr.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+from dataclasses import asdict
+from pathlib import Path
+
+from ..errors import ConfigError
+from . import DEFAULT_N, DEFAULT_SEED, pope
+
+CHAIR_MAX_TOKENS = 512  # the paper's setting
+POPE_MAX_TOKENS = 16
+
+
+def register(sub) -> None:
+    """Add `eval` (with `chair` and `pope`) to the `vhr-edge` subcommands."""
+    from .. import cli as base
+
+    ev = sub.add_parser("eval", help="hallucination evaluation: CHAIR (captions) and POPE (yes/no questions)",
+                        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    class _Parser(type(ev)):
+        def error(self, message):  # one line, exit 2, naming the full subcommand
+            self.exit(base.EXIT_USAGE, f"vhr-edge: error: {message} (see {self.prog} --help)\n")
+
+    evsub = ev.add_subparsers(dest="eval_command", required=True, parser_class=_Parser, metavar="{chair,pope}")
+
+    ch = evsub.add_parser("chair", help="caption images, count hallucinated objects (CHAIR_S, CHAIR_I, recall)")
+    _add_data_args(ch, captions=True)
+    base._add_model_args(ch)
+    base._add_vhr_args(ch)
+    g = ch.add_argument_group("generation")
+    g.add_argument("-p", "--prompt", default=None, help="instruction (default: 'Please describe this image in detail.')")
+    g.add_argument("--max-tokens", type=int, default=CHAIR_MAX_TOKENS, help=f"max new tokens per caption ({CHAIR_MAX_TOKENS})")
+    _add_out_args(ch)
+    ch.set_defaults(func=cmd_chair)
+
+    pp = evsub.add_parser("pope", help="ask 'Is there a X in the image?', score yes/no answers (accuracy, F1, yes-ratio)")
+    pp.add_argument("--split", choices=list(pope.POPE_SPLITS) + ["all"], default="all",
+                    help="POPE negative sampling: random, popular, adversarial or all (default)")
+    pp.add_argument("--per-image", type=int, default=pope.N_POS,
+                    help=f"positive (and as many negative) questions per image ({pope.N_POS})")
+    _add_data_args(pp, captions=False)
+    base._add_model_args(pp)
+    base._add_vhr_args(pp)
+    g = pp.add_argument_group("generation")
+    g.add_argument("--suffix", default="", help="text appended to each question (e.g. 'Answer yes or no.')")
+    g.add_argument("--max-tokens", type=int, default=POPE_MAX_TOKENS, help=f"max new tokens per answer ({POPE_MAX_TOKENS})")
+    _add_out_args(pp)
+    pp.set_defaults(func=cmd_pope)
+
+
+def _add_data_args(p, captions: bool) -> None:
+    from ..testbed import SPLITS
+
+    g = p.add_argument_group("data (testbed scenes, or COCO-format annotations + images)")
+    g.add_argument("--testbed", choices=SPLITS, default=None,
+                   help="testbed split rendered on the fly (default: counterfactual unless --images is given)")
+    g.add_argument("--seed", type=int, default=DEFAULT_SEED,
+                   help=f"testbed scene seed / COCO id draw seed / POPE sampling seed ({DEFAULT_SEED})")
+    g.add_argument("-n", type=int, default=DEFAULT_N, help=f"number of images ({DEFAULT_N})")
+    g.add_argument("--size", type=int, default=64, help="testbed render size in pixels (64)")
+    g.add_argument("--images", metavar="DIR", help="folder of the COCO-format images")
+    g.add_argument("--annotations", metavar="FILE", help="COCO instances JSON (e.g. instances_val2014.json)")
+    if captions:
+        g.add_argument("--captions", metavar="FILE",
+                       help="COCO captions JSON: objects of the reference captions join the ground truth (as in CHAIR)")
+
+
+def _add_out_args(p) -> None:
+    g = p.add_argument_group("output")
+    g.add_argument("--out", required=True, metavar="DIR", help="results folder (JSONL, ids.json, summary)")
+    g.add_argument("--tag", default=None, help="name of this method's files (default from the VHR flags)")
+    g.add_argument("--json", action="store_true", help="print the summary as one JSON object, the last stdout line")
+    g.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def make_source(args):
+    """The data source from the flags (validated before any model is loaded)."""
+    from .data import CocoSource, DataError, TestbedSource
+
+    if args.n < 1:
+        raise DataError(f"-n must be at least 1, got {args.n}")
+    coco = args.images is not None or args.annotations is not None
+    if coco:
+        if args.testbed is not None:
+            raise ConfigError("give either --testbed or --images/--annotations, not both")
+        if args.images is None or args.annotations is None:
+            raise ConfigError("COCO-format data needs both --images DIR and --annotations FILE")
+        src = CocoSource(args.images, args.annotations, n=args.n, seed=args.seed,
+                         captions=getattr(args, "captions", None))
+        if src.n < args.n:
+            print(f"vhr-edge: note: {args.annotations} lists {src.n} images; evaluating all of them",
+                  file=sys.stderr, flush=True)
+        return src
+    if getattr(args, "captions", None):
+        raise ConfigError("--captions goes with --images/--annotations")
+    return TestbedSource(args.testbed or "counterfactual", n=args.n, seed=args.seed, size=args.size)
+
+
+def method_configs(args):
+    from ..layers import parse_layers
+    from ..session import GenerationConfig, VhrConfig
+
+    if not (args.alpha > 0):
+        raise ConfigError(f"--alpha must be > 0, got {args.alpha}")
+    if args.max_tokens < 1:
+        raise ConfigError(f"--max-tokens must be at least 1, got {args.max_tokens}")
+    parse_layers(args.layers, 10_000)  # syntax only; the model's depth is checked when captioning
+    vhr = VhrConfig(enabled=not args.no_vhr, alpha=args.alpha, layers=args.layers,
+                    outlier_rule=not args.no_outlier_rule, head_mode="random" if args.random_heads else "vhd",
+                    random_seed=0)
+    gen = GenerationConfig(n_predict=args.max_tokens)
+    return vhr, gen
+
+
+def method_tag(args) -> str:
+    if args.tag:
+        if not re.fullmatch(r"[A-Za-z0-9_.,+=@-]+", args.tag):
+            raise ConfigError(f"--tag may hold letters, digits and _ . , + = @ - only, got {args.tag!r}")
+        return args.tag
+    if args.no_vhr:
+        return "greedy"
+    tag = f"vhr-a{args.alpha:g}"
+    if args.layers != "auto":
+        tag += "-L" + re.sub(r"[^0-9a-z,-]", "", args.layers.replace(" ", ""))
+    if args.random_heads:
+        tag += "-random"
+    if args.no_outlier_rule:
+        tag += "-nooutlier"
+    return tag
+
+
+def _file_id(path: str) -> dict:
+    p = Path(path)
+    return {"name": p.name, "bytes": p.stat().st_size}
+
+
+def _settings(args, session, vhr, gen, **extra) -> dict:
+    v = asdict(vhr)
+    if not vhr.enabled:  # the other VHR fields do nothing without VHR
+        v = {"enabled": False}
+    return {"model": _file_id(session.model_path), "mmproj": _file_id(session.mmproj_path),
+            "vhr": v, "generation": asdict(gen), **extra}
+
+
+def _out_dir(args) -> Path:
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--out {out} exists and is not a folder")
+    return out
+
+
+def cmd_chair(args) -> int:
+    from .. import DEFAULT_PROMPT
+    from .. import cli as base
+    from .run import run_chair, session_captioner
+
+    source = make_source(args)
+    vhr, gen = method_configs(args)
+    tag = method_tag(args)
+    out = _out_dir(args)
+    prompt = args.prompt or DEFAULT_PROMPT
+    session = base.open_session(args)
+    settings = _settings(args, session, vhr, gen, prompt=prompt)
+    summary = run_chair(source, out, session_captioner(session, prompt, vhr, gen), tag=tag,
+                        settings=settings, progress=not args.no_progress)
+    if args.json:
+        print(json.dumps(summary), flush=True)
+    else:
+        print(f"CHAIR {tag} on {_describe(source)}: CHAIR_S {100 * summary['chair_s']:.1f}  "
+              f"CHAIR_I {100 * summary['chair_i']:.1f}  recall {100 * summary['recall']:.1f}  "
+              f"mean length {summary['mean_len']:.1f} words  (n={summary['n']}; {out}/chair-{tag}.*)", flush=True)
+    return 0
+
+
+def cmd_pope(args) -> int:
+    from .. import cli as base
+    from .run import run_pope, session_answerer
+
+    if args.per_image < 1:
+        raise ConfigError(f"--per-image must be at least 1, got {args.per_image}")
+    source = make_source(args)
+    vhr, gen = method_configs(args)
+    tag = method_tag(args)
+    out = _out_dir(args)
+    splits = list(pope.POPE_SPLITS) if args.split == "all" else [args.split]
+    session = base.open_session(args)
+    settings = _settings(args, session, vhr, gen, suffix=args.suffix)
+    result = run_pope(source, out, session_answerer(session, vhr, gen, args.suffix), splits, seed=args.seed,
+                      n_pos=args.per_image, tag=tag, settings=settings, progress=not args.no_progress)
+    if args.json:
+        print(json.dumps(result), flush=True)
+    else:
+        print(f"POPE {tag} on {_describe(source)} ({out}/pope-{tag}.*)")
+        print(f"{'split':<12} {'n':>5} {'acc':>6} {'prec':>6} {'recall':>6} {'F1':>6} {'yes':>6}")
+        for name, m in result.items():
+            print(f"{name:<12} {m['n']:>5} {100 * m['accuracy']:>6.1f} {100 * m['precision']:>6.1f} "
+                  f"{100 * m['recall']:>6.1f} {100 * m['f1']:>6.1f} {100 * m['yes_ratio']:>6.1f}")
+        sys.stdout.flush()
+    return 0
+
+
+def _describe(source) -> str:
+    d = source.describe()
+    if d["kind"] == "testbed":
+        return f"testbed {d['split']} seed {d['seed']}, {d['n']} scenes"
+    return f"{Path(d['annotations']).name}, {d['n']} images (seed {d['seed']})"

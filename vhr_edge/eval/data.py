@@ -1,0 +1,224 @@
+"""Where evaluation images and their ground truth come from.
+
+- `TestbedSource(split, n, seed)`: testbed scenes made by `testbed.scenes.make_split` and
+  rendered on the fly (nothing on disk); ids "{split}-{seed}-{index:06d}"; ground truth is
+  exact (the scene's categories); the testbed vocabulary. POPE's popular / adversarial
+  statistics come from 1000 "indist" scenes (the habits of the training law), so on the
+  counterfactual split the adversarial negatives are the missing habitual partners.
+- `CocoSource(images_dir, annotations, n, seed)`: a COCO instances file (instances_val2014.json
+  or one written by `testbed.coco`) and its image folder. `n` image ids are drawn from all the
+  file's images by `numpy.random.default_rng(seed).permutation`, in that order (so the first
+  k of a larger draw with the same seed are a smaller draw). Ground truth per image: the
+  categories of its instance annotations, plus (optional `captions` file, as in the CHAIR
+  paper) the objects that its reference captions mention. The vocabulary follows the
+  category names (`chair.vocabulary_for`): testbed names -> testbed words, else COCO.
+
+`write_ids(out_dir, source)` saves the chosen ids next to the results (ids.json) and refuses an
+out dir that already holds a run on other images, so every run in one folder is comparable.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import numpy as np
+
+from ..errors import VhrEdgeError
+from . import DEFAULT_N, DEFAULT_SEED, chair
+
+
+class DataError(VhrEdgeError):
+    """Evaluation data that cannot be used (missing file or folder, bad JSON, bad ids)."""
+
+
+@dataclass
+class Item:
+    image_id: Any  # str for the testbed, as in the file for COCO (usually int)
+    gt: tuple[str, ...]  # present categories, sorted
+    load: Callable[[], Any]  # -> anything Session.caption accepts (path or HxWx3 array)
+
+    @property
+    def key(self) -> str:
+        return str(self.image_id)
+
+
+class DataSource:
+    kind = ""
+    items: list[Item]
+    vocab: chair.Vocabulary
+    categories: tuple[str, ...]
+
+    @property
+    def ids(self) -> list:
+        return [it.image_id for it in self.items]
+
+    def describe(self) -> dict:
+        raise NotImplementedError
+
+    def pool_gts(self) -> list[tuple[str, ...]]:
+        """Ground truth of the whole pool (POPE's popular/adversarial statistics)."""
+        return [it.gt for it in self.items]
+
+
+def _check_n(n: int) -> int:
+    if not isinstance(n, (int, np.integer)) or isinstance(n, bool) or n < 1:
+        raise DataError(f"-n must be at least 1, got {n}")
+    return int(n)
+
+
+POOL_SCENES = 1000  # testbed scenes behind POPE's popular / adversarial statistics
+
+
+class TestbedSource(DataSource):
+    __test__ = False  # not a pytest class
+    kind = "testbed"
+
+    def __init__(self, split: str, n: int = DEFAULT_N, seed: int = DEFAULT_SEED, size: int = 64):
+        from ..testbed import SPLITS
+        from ..testbed.scenes import make_split, render
+
+        if split not in SPLITS:
+            raise DataError(f"unknown testbed split {split!r}; one of {', '.join(SPLITS)}")
+        if size < 8:
+            raise DataError(f"--size must be at least 8, got {size}")
+        self.split, self.n, self.seed, self.size = split, _check_n(n), int(seed), int(size)
+        self.scenes = make_split(split, self.n, self.seed)
+        self.vocab = chair.testbed_vocabulary()
+        self.categories = tuple(self.vocab.categories)
+
+        def loader(scene):
+            return lambda: np.asarray(render(scene, self.size))
+
+        self.items = [Item(s.id, tuple(sorted(s.categories)), loader(s)) for s in self.scenes]
+
+    def describe(self) -> dict:
+        return {"kind": "testbed", "split": self.split, "seed": self.seed, "n": self.n, "size": self.size}
+
+    def pool_gts(self) -> list[tuple[str, ...]]:
+        """POPE statistics from the habits the model was trained on, whatever split is scored:
+        POOL_SCENES "indist" scenes (the training law, a held-out stream)."""
+        from ..testbed.scenes import make_split
+
+        return [tuple(sorted(s.categories)) for s in make_split("indist", POOL_SCENES, self.seed)]
+
+
+def _read_json(path: Path, what: str) -> Any:
+    if not path.exists():
+        raise DataError(f"{what} not found: {path}")
+    if not path.is_file():
+        raise DataError(f"{what} is not a file: {path}")
+    try:
+        with open(path, "rb") as f:
+            return json.load(f)
+    except json.JSONDecodeError as e:
+        raise DataError(f"{what} {path} is not valid JSON: {e.msg} at line {e.lineno} column {e.colno}") from None
+    except UnicodeDecodeError:
+        raise DataError(f"{what} {path} is not valid JSON: not UTF-8 text") from None
+    except OSError as e:
+        raise DataError(f"cannot read {what} {path}: {e.strerror or e}") from None
+
+
+def _id_sort_key(x):
+    return (0, x, "") if isinstance(x, (int, float)) else (1, 0, str(x))
+
+
+class CocoSource(DataSource):
+    kind = "coco"
+
+    def __init__(self, images_dir, annotations, n: int = DEFAULT_N, seed: int = DEFAULT_SEED,
+                 captions: Optional[str] = None):
+        self.n_requested, self.seed = _check_n(n), int(seed)
+        self.images_dir, self.annotations = Path(images_dir), Path(annotations)
+        self.captions_path = Path(captions) if captions else None
+        coco = _read_json(self.annotations, "annotations file")
+        if not isinstance(coco, dict) or not all(isinstance(coco.get(k), list) for k in ("images", "annotations", "categories")):
+            raise DataError(f"annotations file {self.annotations} is not COCO instances JSON "
+                            "(needs 'images', 'annotations' and 'categories' lists)")
+        if not self.images_dir.is_dir():
+            raise DataError(f"image folder not found: {self.images_dir}")
+        try:
+            cat_name = {c["id"]: str(c["name"]).lower() for c in coco["categories"]}
+            files = {img["id"]: str(img["file_name"]) for img in coco["images"]}
+            gts: dict[Any, set] = {i: set() for i in files}
+            for a in coco["annotations"]:
+                if a["image_id"] in gts and a["category_id"] in cat_name:
+                    gts[a["image_id"]].add(cat_name[a["category_id"]])
+        except (KeyError, TypeError) as e:
+            raise DataError(f"annotations file {self.annotations} is not COCO instances JSON "
+                            f"(an entry lacks {e})") from None
+        if not files:
+            raise DataError(f"annotations file {self.annotations} lists no images")
+        self.categories = tuple(sorted(set(cat_name.values())))
+        self.vocab = chair.vocabulary_for(self.categories)
+        if self.captions_path is not None:
+            self._add_caption_objects(gts)
+        self._gts = gts
+        all_ids = sorted(files, key=_id_sort_key)
+        order = np.random.default_rng(self.seed).permutation(len(all_ids))
+        chosen = [all_ids[int(i)] for i in order[: self.n_requested]]
+        self.n = len(chosen)
+        self.n_available = len(all_ids)
+        self.items = []
+        missing = []
+        for i in chosen:
+            path = self._resolve(files[i])
+            if path is None:
+                missing.append(files[i])
+                continue
+            self.items.append(Item(i, tuple(sorted(gts[i])), (lambda p=str(path): p)))
+        if missing:
+            raise DataError(f"{len(missing)} of the {len(chosen)} chosen images are not in {self.images_dir} "
+                            f"(first: {missing[0]})")
+
+    def _resolve(self, file_name: str) -> Optional[Path]:
+        for p in (self.images_dir / file_name, self.images_dir / Path(file_name).name):
+            if p.is_file():
+                return p
+        return None
+
+    def _add_caption_objects(self, gts: dict) -> None:
+        caps = _read_json(self.captions_path, "captions file")
+        try:
+            for a in caps["annotations"]:
+                if a["image_id"] in gts:
+                    mentioned, _ = chair.caption_objects(str(a["caption"]), self.vocab)
+                    gts[a["image_id"]].update(mentioned)
+        except (KeyError, TypeError) as e:
+            raise DataError(f"captions file {self.captions_path} is not COCO captions JSON "
+                            f"(needs 'annotations' with 'image_id' and 'caption'; missing {e})") from None
+
+    def pool_gts(self) -> list[tuple[str, ...]]:
+        return [tuple(sorted(g)) for g in self._gts.values()]
+
+    def describe(self) -> dict:
+        return {"kind": "coco", "annotations": os.path.abspath(self.annotations),
+                "images": os.path.abspath(self.images_dir),
+                "captions": os.path.abspath(self.captions_path) if self.captions_path else None,
+                "seed": self.seed, "n": self.n, "n_available": self.n_available,
+                "vocabulary": self.vocab.name}
+
+
+def write_ids(out_dir, source: DataSource) -> Path:
+    """out_dir/ids.json = {"source": ..., "ids": [...]}; an existing one must list the same ids."""
+    out = Path(out_dir)
+    path = out / "ids.json"
+    ids = source.ids
+    if path.exists():
+        try:
+            old = json.loads(path.read_text())
+            old_ids = old["ids"]
+        except (ValueError, KeyError, TypeError):
+            raise DataError(f"{path} is not an ids file written by vhr-edge eval; use another --out") from None
+        if old_ids != ids:
+            raise DataError(f"{out} already holds a run on other images ({len(old_ids)} ids in ids.json, "
+                            f"{len(ids)} now, or a different draw); use another --out")
+        return path
+    out.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps({"source": source.describe(), "ids": ids}, indent=1))
+    os.replace(tmp, path)
+    return path
