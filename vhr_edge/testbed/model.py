@@ -76,7 +76,7 @@ def image_tensor(images_uint8):
     import numpy as np
     import torch
 
-    a = torch.from_numpy(np.ascontiguousarray(images_uint8)).float().div_(255.0).permute(0, 3, 1, 2)
+    a = torch.from_numpy(np.array(images_uint8, dtype=np.uint8)).float().div_(255.0).permute(0, 3, 1, 2)
     mean = torch.tensor(IMAGE_MEAN).view(1, 3, 1, 1)
     std = torch.tensor(IMAGE_STD).view(1, 3, 1, 1)
     return (a - mean) / std
