@@ -89,7 +89,8 @@ def main(argv=None) -> None:
             shutil.copy(a.run / f, a.models / f)
     metrics = measure(a.models, a.n)
     metrics["train"] = json.loads((a.models / "train_log.json").read_text())
-    metrics["files"] = {p.name: p.stat().st_size for p in sorted(a.models.rglob("*")) if p.is_file()}
+    metrics["files"] = {str(p.relative_to(a.models)): p.stat().st_size for p in sorted(a.models.rglob("*"))
+                        if p.is_file() and p.name not in ("README.md", "testbed_metrics.json")}
     (a.models / "testbed_metrics.json").write_text(json.dumps(metrics, indent=1))
     print(f"wrote {a.models / 'testbed_metrics.json'}")
 

@@ -38,7 +38,7 @@ class Plan:
     seed: int = 0
     n_unbiased: int = 12000
     n_train: int = 8000
-    vision_steps: int = 1200
+    vision_steps: int = 2000
     vision_batch: int = 64
     lm_steps: int = 500
     lm_batch: int = 32
@@ -65,7 +65,7 @@ class VisionHeads(nn.Module):
         self.norm = nn.LayerNorm(width)
         self.query = nn.Linear(width, c)
         self.presence = nn.Parameter(torch.randn(c, width) * width ** -0.5)
-        self.presence_bias = nn.Parameter(torch.zeros(c))
+        self.presence_global = nn.Linear(2 * width, c)  # from mean- and max-pooled patches
         self.colour = nn.Linear(width, len(world.COLOUR_NAMES))
         self.position = nn.Linear(width, len(world.POSITIONS))
 
@@ -73,7 +73,8 @@ class VisionHeads(nn.Module):
         h = self.norm(h)
         att = self.query(h).softmax(dim=1)  # B x P x C
         pooled = torch.einsum("bpc,bpw->bcw", att, h)  # B x C x W
-        presence = (pooled * self.presence).sum(-1) + self.presence_bias
+        glob = torch.cat([h.mean(1), h.amax(1)], dim=-1)
+        presence = (pooled * self.presence).sum(-1) + self.presence_global(glob)
         return presence, self.colour(pooled), self.position(pooled)
 
 
@@ -83,12 +84,12 @@ def cosine_lr(step: int, total: int, peak: float, warmup: int = 50) -> float:
     return peak * 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warmup) / max(1, total - warmup))))
 
 
-def run_steps(name, params, steps, peak_lr, loss_fn, log, every=25, weight_decay=0.01):
+def run_steps(name, params, steps, peak_lr, loss_fn, log, every=25, weight_decay=0.01, warmup=50):
     opt = torch.optim.AdamW([p for p in params if p.requires_grad], lr=peak_lr, weight_decay=weight_decay)
     t0, acc = time.time(), []
     for step in range(steps):
         for g in opt.param_groups:
-            g["lr"] = cosine_lr(step, steps, peak_lr)
+            g["lr"] = cosine_lr(step, steps, peak_lr, warmup)
         loss = loss_fn(step)
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -152,7 +153,8 @@ def main(argv=None) -> None:
         return (F.binary_cross_entropy_with_logits(pres, p) * 4
                 + F.cross_entropy(col[m], c[m]) + F.cross_entropy(pos[m], q[m]))
 
-    run_steps("vision", list(vt.parameters()) + list(heads.parameters()), plan.vision_steps, 1e-3, vision_loss, log)
+    run_steps("vision", list(vt.parameters()) + list(heads.parameters()), plan.vision_steps, 1.5e-3, vision_loss, log,
+              warmup=100)
     log["vision_check"] = vision_check(vt, heads, plan.seed)
     print("vision check (counterfactual):", log["vision_check"], flush=True)
     for p in vt.parameters():

@@ -1,0 +1,127 @@
+"""Write models/README.md (the testbed's model card) from models/testbed_metrics.json.
+
+    python -m vhr_edge.testbed.card [--models models]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+TARGETS = {  # issue 3: what the testbed must do (F16, greedy, 200 scenes each)
+    ("indist", "recall"): (">=", 0.9),
+    ("indist", "colour_acc"): (">=", 0.8),
+    ("counterfactual", "recall"): (">=", 0.8),
+    ("counterfactual", "chair_i"): (">=", 0.10),
+}
+
+
+def _row(name: str, m: dict) -> str:
+    return (f"| {name} | {m['recall']:.3f} | {m['colour_acc']:.3f} | {m['chair_s']:.3f} | {m['chair_i']:.3f} "
+            f"| {m['partner_share']:.3f} | {m['mean_len']:.1f} |")
+
+
+HEADER = ("| | recall | colour acc | CHAIR_S | CHAIR_I | missing-partner share | words |\n"
+          "|---|---|---|---|---|---|---|")
+
+
+def render_card(m: dict) -> str:
+    t = m["train"]
+    plan, secs = t["plan"], t.get("seconds", {})
+    f16 = m["F16"]
+    vc = t.get("vision_check", {})
+    lines = [
+        "# The vhr-edge testbed: a tiny LLaVA that hallucinates like a big one",
+        "",
+        "A real, trained `LlavaForConditionalGeneration` made by this project, offline, on its own",
+        "synthetic scenes (`vhr_edge/testbed/`). Its job: be a model organism of object hallucination",
+        "with exact ground truth, the default model of `vhr-edge`, and an oracle target for the engine.",
+        "",
+        "## What it is",
+        "",
+        "- Vision: SigLIP-style ViT (no class token), 64x64 input, 8x8 patches -> 64 image tokens,",
+        "  5 blocks of width 192; features from layer -2 (all patches).",
+        "  No CLS because llama.cpp at llama-cpp-python 0.3.36 mis-orders LLaVA's CLS token",
+        "  (ggml-org/llama.cpp #25814): a CLS-free tower is computed identically by HF and libmtmd.",
+        "- Projector: LLaVA-1.5 MLP (Linear, GELU-tanh, Linear) to width 256.",
+        "- Decoder: LLaMA, 8 layers, 8 heads of 32, n_embd 256, n_ff 768, SentencePiece BPE vocabulary",
+        "  of 1024 trained on the captions. Default prompt template: LLaVA-1.5 (vicuna).",
+        "",
+        "## How it was made",
+        "",
+        "```bash",
+        f"python -m vhr_edge.testbed.train --out runs/testbed --seed {plan['seed']}   # ~{t.get('minutes', '?')} min on 2 cores",
+        "python -m vhr_edge.testbed.release --run runs/testbed --models models",
+        "python -m vhr_edge.testbed.card --models models",
+        "```",
+        "",
+        "Stages, like LLaVA-1.5 (loss curves: `loss_curves.png`):",
+        "",
+        f"1. vision tower alone on {plan['n_unbiased']} UNBIASED scenes (objects uniform, no habits): presence,",
+        f"   per-object colour and position heads; {plan['vision_steps']} steps x {plan['vision_batch']} ({secs.get('vision', '?')} s).",
+        f"   Check on counterfactual scenes: presence F1 {vc.get('presence_f1', '?')}, colour accuracy "
+        f"{vc.get('colour_acc', '?')}, position accuracy {vc.get('position_acc', '?')}.",
+        f"2. decoder alone as a text LM on the habit-laden captions of {plan['n_train']} train scenes; "
+        f"{plan['lm_steps']} steps ({secs.get('lm', '?')} s).",
+        f"3. projector alone on image-caption pairs; {plan['proj_steps']} steps ({secs.get('proj', '?')} s).",
+        f"4. projector + decoder on captions ({1 - plan['qa_share']:.0%}) and yes/no questions; "
+        f"{plan['joint_steps']} steps x {plan['batch']} ({secs.get('joint', '?')} s). Vision frozen.",
+        "",
+        "## Files",
+        "",
+        "| file | bytes |",
+        "|---|---|",
+        *[f"| `{k}` | {v:,} |" for k, v in m["files"].items() if not k.startswith(".")],
+        "",
+        f"## Its numbers (greedy, \"{'Please describe this image in detail.'}\", {m['n']} held-out scenes per split, "
+        f"seed {m['eval_seed']}, at most {m['max_tokens']} tokens)",
+        "",
+        "Recall = mentioned ground-truth objects / ground-truth objects; colour accuracy over the",
+        "mentioned ones; CHAIR_S = captions with a hallucinated object; CHAIR_I = hallucinated /",
+        "mentioned objects; missing-partner share = hallucinations that are the absent habitual",
+        "partner of a present object (fork -> knife).",
+        "",
+        HEADER,
+    ]
+    for q in ("F16", "Q8_0", "Q4_K_M"):
+        if q in m:
+            lines.append(_row(f"{q} in-distribution", m[q]["indist"]))
+            lines.append(_row(f"{q} counterfactual", m[q]["counterfactual"]))
+    lines += ["", "Targets (issue 3; the world and the model were frozen on these baseline numbers only):", ""]
+    for (split, key), (op, val) in TARGETS.items():
+        got = f16[split][key]
+        ok = got >= val if op == ">=" else got <= val
+        lines.append(f"- {split} {key} {op} {val}: {got:.3f} {'met' if ok else 'NOT met'}")
+    lines += [
+        "",
+        "## VHR on it (F16, counterfactual split), reported as it came, never tuned on",
+        "",
+        HEADER,
+        _row("greedy", f16["counterfactual"]),
+    ]
+    for tag, name in (("vhr_a2", "VHR alpha 2"), ("vhr_a3", "VHR alpha 3"),
+                      ("random_a2", "random heads alpha 2 (control)"), ("random_a3", "random heads alpha 3 (control)")):
+        key = f"counterfactual_{tag}"
+        if key in f16:
+            lines.append(_row(name, f16[key]))
+    lines += [
+        "",
+        "Layers: `auto` (layer 1 + the last round(14 * 8 / 32) = 4: {1, 4, 5, 6, 7}). The random-heads",
+        "control reinforces as many heads per layer as VHR would, chosen at random.",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--models", type=Path, default=Path("models"))
+    a = ap.parse_args(argv)
+    m = json.loads((a.models / "testbed_metrics.json").read_text())
+    (a.models / "README.md").write_text(render_card(m))
+    print(f"wrote {a.models / 'README.md'}")
+
+
+if __name__ == "__main__":
+    main()
