@@ -36,6 +36,10 @@ py::dict to_dict(const vhr::Result & r) {
     d["vhd"] = matrix(r.vhd, r.n_layer, r.n_head);
     d["ta"] = matrix(r.ta, r.n_layer, r.n_head);
     d["first_logits"] = py::array_t<float>((py::ssize_t) r.first_logits.size(), r.first_logits.data());
+    const py::ssize_t steps = r.n_layer && r.n_head ? (py::ssize_t) (r.trace.size() / ((size_t) r.n_layer * r.n_head)) : 0;
+    py::array_t<float> trace({steps, (py::ssize_t) r.n_layer, (py::ssize_t) r.n_head});
+    std::copy(r.trace.begin(), r.trace.end(), trace.mutable_data());
+    d["trace"] = trace;
     const vhr::Timings & t = r.timings;
     py::dict td;
     td["image_encode_ms"] = t.image_encode_ms;
@@ -140,7 +144,8 @@ PYBIND11_MODULE(_engine, m) {
                 const std::string & prompt_template, int n_predict, float temp, int top_k, float top_p, uint32_t seed,
                 bool ignore_eos, bool keep_logits, bool vhr_enabled, float alpha, std::vector<int> layers,
                 bool outlier_rule, std::string head_mode, uint32_t random_seed,
-                std::map<int, std::vector<int>> forced_heads, bool share_prefix) {
+                std::map<int, std::vector<int>> forced_heads, bool share_prefix, bool trace,
+                std::vector<int32_t> forced_tokens) {
                  if (rgb.ndim() != 3 || rgb.shape(2) != 3) throw std::runtime_error("image must be an HxWx3 uint8 array");
                  vhr::GenParams g;
                  g.n_predict = n_predict;
@@ -150,6 +155,8 @@ PYBIND11_MODULE(_engine, m) {
                  g.seed = seed;
                  g.ignore_eos = ignore_eos;
                  g.keep_logits = keep_logits;
+                 g.trace = trace;
+                 g.forced_tokens = std::move(forced_tokens);
                  vhr::VhrParams v;
                  v.enabled = vhr_enabled;
                  v.alpha = alpha;
@@ -172,5 +179,6 @@ PYBIND11_MODULE(_engine, m) {
              py::arg("seed") = 0, py::arg("ignore_eos") = false, py::arg("keep_logits") = false,
              py::arg("vhr") = true, py::arg("alpha") = 2.0f, py::arg("layers") = std::vector<int>{},
              py::arg("outlier_rule") = true, py::arg("head_mode") = "vhd", py::arg("random_seed") = 0,
-             py::arg("forced_heads") = std::map<int, std::vector<int>>{}, py::arg("share_prefix") = true);
+             py::arg("forced_heads") = std::map<int, std::vector<int>>{}, py::arg("share_prefix") = true,
+             py::arg("trace") = false, py::arg("forced_tokens") = std::vector<int32_t>{});
 }

@@ -11,8 +11,9 @@ namespace vhr {
 
 bool HeadHook::wants(int layer) const {
     if (layer < 0 || layer >= n_layer) return false;
-    if (phase == Phase::prefill) return scored[layer];
-    if (phase == Phase::decode) return !heads[layer].empty();
+    const bool trace = tracing && traced[layer];
+    if (phase == Phase::prefill) return scored[layer] || trace;
+    if (phase == Phase::decode) return !heads[layer].empty() || trace;
     return false;
 }
 
@@ -32,19 +33,25 @@ void HeadHook::process(ggml_tensor * t, int layer) {
         ggml_backend_tensor_get(t, scratch_.data(), 0, ggml_nbytes(t));
         data = scratch_.data();
     }
-    if (phase == Phase::prefill) {
-        if (col_img >= n_cols || col_txt >= n_cols) throw std::runtime_error("prefill batch was split; raise n_ubatch");
+    const bool trace = tracing && traced[layer];
+    const bool select = phase == Phase::prefill && scored[layer];
+    if (trace || select) {
+        if (col_img >= n_cols || col_txt >= n_cols) throw std::runtime_error("batch was split; raise n_ubatch");
         const HeadScores s = score_heads(data + col_img * n_rows, data + col_txt * n_rows, n_head, head_dim);
-        std::copy(s.vhd.begin(), s.vhd.end(), vhd.begin() + (size_t) layer * n_head);
-        std::copy(s.ta.begin(), s.ta.end(), ta.begin() + (size_t) layer * n_head);
-        auto f = forced.find(layer);
-        if (f != forced.end()) {
-            heads[layer] = f->second;
-        } else {
-            heads[layer] = select_heads(s, outlier_rule);
-            if (random_mode) heads[layer] = random_heads((int) heads[layer].size(), n_head, rng);
+        if (trace) std::copy(s.vhd.begin(), s.vhd.end(), step_vhd.begin() + (size_t) layer * n_head);
+        if (select) {
+            std::copy(s.vhd.begin(), s.vhd.end(), vhd.begin() + (size_t) layer * n_head);
+            std::copy(s.ta.begin(), s.ta.end(), ta.begin() + (size_t) layer * n_head);
+            auto f = forced.find(layer);
+            if (f != forced.end()) {
+                heads[layer] = f->second;
+            } else {
+                heads[layer] = select_heads(s, outlier_rule);
+                if (random_mode) heads[layer] = random_heads((int) heads[layer].size(), n_head, rng);
+            }
         }
     }
+    if (heads[layer].empty()) return;  // scored only (trace): nothing to write back
     scale_heads(data, n_cols, n_rows, heads[layer], head_dim, alpha);
     if (!host) ggml_backend_tensor_set(t, data, 0, ggml_nbytes(t));
 }

@@ -30,6 +30,11 @@ struct HeadHook {
     std::vector<std::vector<int>> heads;      // selected heads per layer
     int64_t col_img = -1, col_txt = -1;       // last positions of seq 0 / seq 1 in the batch
     std::vector<float> vhd, ta;               // n_layer * n_head, filled during the prefill
+    // T-VHD analysis (VHR_SPEC 6): layers scored at EVERY step from columns col_img / col_txt
+    // (seq 0 / seq 1 of the step's batch); step_vhd holds the current step's scores.
+    std::vector<char> traced;
+    bool tracing = false;
+    std::vector<float> step_vhd;              // n_layer * n_head
     std::string error;                        // set when the callback had to stop the graph
 
     bool wants(int layer) const;

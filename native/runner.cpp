@@ -219,18 +219,23 @@ struct Runner::Impl {
         return mtmd_get_output_embd(mtmd);
     }
 
-    void arm_hook(const VhrParams & v) {
+    void arm_hook(const VhrParams & v, bool trace) {
         hook.phase = HeadHook::Phase::idle;
         hook.n_layer = n_layer;
         hook.n_head = n_head;
-        hook.alpha = v.alpha;
+        hook.alpha = v.enabled ? v.alpha : 1.0f;
         hook.outlier_rule = v.outlier_rule;
         hook.random_mode = v.head_mode == "random";
         hook.rng.seed(v.random_seed);
         hook.forced = v.forced_heads;
         hook.scored.assign(n_layer, 0);
-        for (int l : v.layers) hook.scored[l] = 1;
-        for (const auto & kv : v.forced_heads) hook.scored[kv.first] = 1;
+        if (v.enabled) {
+            for (int l : v.layers) hook.scored[l] = 1;
+            for (const auto & kv : v.forced_heads) hook.scored[kv.first] = 1;
+        }
+        hook.tracing = trace;
+        hook.traced.assign(n_layer, trace ? 1 : 0);
+        hook.step_vhd.assign((size_t) n_layer * n_head, 0.0f);
         hook.heads.assign(n_layer, {});
         hook.vhd.assign((size_t) n_layer * n_head, 0.0f);
         hook.ta.assign((size_t) n_layer * n_head, 0.0f);
@@ -239,6 +244,9 @@ struct Runner::Impl {
 
     void validate(VhrParams & v, const GenParams & g) const {
         if (g.n_predict < 1) fail("n_predict must be at least 1");
+        for (int32_t t : g.forced_tokens) {
+            if (t < 0 || t >= llama_vocab_n_tokens(vocab)) fail("forced token " + std::to_string(t) + " is outside the vocabulary");
+        }
         if (!v.enabled) return;
         if (!(v.alpha > 0.0f) || !std::isfinite(v.alpha)) fail("alpha must be a finite number > 0");
         if (v.head_mode != "vhd" && v.head_mode != "random") fail("head_mode must be 'vhd' or 'random'");
@@ -365,7 +373,7 @@ Result Runner::caption(const RgbImage & image, const std::string & prompt,
     // ---- one embedding batch. seq 0 = image prompt, seq 1 = text-only prompt (prefix +
     // instruction, positions contiguous). With share_prefix the prefix rows are in the batch
     // once, carrying both sequence ids: causal attention makes that exact.
-    const bool two = vhr.enabled;
+    const bool two = vhr.enabled || gen.trace;  // the text-only sequence is needed
     const bool shared = two && vhr.share_prefix;
     const int64_t seq0_len = P + I + S;
     const int64_t n_rows = seq0_len + (two ? (shared ? S : P + S) : 0);
@@ -406,7 +414,7 @@ Result Runner::caption(const RgbImage & image, const std::string & prompt,
     if (two) b.logits[col_txt] = 1;
 
     if (two) {
-        m.arm_hook(vhr);
+        m.arm_hook(vhr, gen.trace);
         m.hook.col_img = col_img;
         m.hook.col_txt = col_txt;
         m.hook.phase = HeadHook::Phase::prefill;
@@ -416,44 +424,67 @@ Result Runner::caption(const RgbImage & image, const std::string & prompt,
     if (two && !m.hook.error.empty()) fail("VHR callback: " + m.hook.error);
     r.timings.n_prompt_rows = (int) n_rows;
 
-    // ---- first token, then drop the text-only sequence
+    // ---- first token, then drop the text-only sequence (kept when tracing: T-VHD needs it)
     Sampler sampler(gen);
     if (gen.keep_logits) {
         const float * lg = llama_get_logits_ith(ctx, (int32_t) col_img);
         r.first_logits.assign(lg, lg + llama_vocab_n_tokens(m.vocab));
     }
-    llama_token tok = sampler.sample(ctx, (int32_t) col_img);
-    if (two) {
-        llama_memory_seq_rm(llama_get_memory(ctx), 1, -1, -1);
-        m.hook.phase = HeadHook::Phase::decode;
-    }
+    const size_t n_forced = gen.forced_tokens.size();
+    auto next_token = [&](int32_t idx) -> llama_token {
+        const size_t i = r.tokens.size();
+        return i < n_forced ? gen.forced_tokens[i] : sampler.sample(ctx, idx);
+    };
+    std::vector<std::vector<float>> trace;
+    if (gen.trace) trace.push_back(m.hook.step_vhd);
+    llama_token tok = next_token((int32_t) col_img);
+    if (two && !gen.trace) llama_memory_seq_rm(llama_get_memory(ctx), 1, -1, -1);
+    if (two) m.hook.phase = HeadHook::Phase::decode;
     r.timings.prefill_ms = ms_since(t0);
 
-    // ---- decode seq 0 token by token; the callback scales the selected heads each step
+    // ---- decode seq 0 token by token (and the text-only continuation when tracing); the
+    // hook scales the selected heads of every new token
     t0 = Clock::now();
-    Batch one(1, 0, 1);
-    llama_pos pos = (llama_pos) seq0_len;
+    Batch step(2, 0, 1);
+    llama_pos pos = (llama_pos) seq0_len, pos_txt = (llama_pos) (P + S);
+    int64_t cells = gen.trace ? n_rows : seq0_len;  // KV cells in use
+    const int per_step = gen.trace ? 2 : 1;
+    const int n_max = n_forced ? (int) std::min<size_t>(n_forced, (size_t) gen.n_predict) : gen.n_predict;
     r.stop_reason = "length";
     while (true) {
-        if (!gen.ignore_eos && llama_vocab_is_eog(m.vocab, tok)) { r.stop_reason = "eos"; break; }
+        if (!n_forced && !gen.ignore_eos && llama_vocab_is_eog(m.vocab, tok)) { r.stop_reason = "eos"; break; }
         r.tokens.push_back(tok);
-        if ((int) r.tokens.size() >= gen.n_predict) break;
-        if (pos >= m.p.n_ctx) { r.stop_reason = "context"; break; }
-        one.b.n_tokens = 1;
-        one.b.token[0] = tok;
-        one.b.pos[0] = pos++;
-        one.b.n_seq_id[0] = 1;
-        one.b.seq_id[0][0] = 0;
-        one.b.logits[0] = 1;
-        const int32_t rc2 = llama_decode(ctx, one.b);
+        if ((int) r.tokens.size() >= n_max) break;
+        if (cells + per_step > m.p.n_ctx) { r.stop_reason = "context"; break; }
+        cells += per_step;
+        llama_batch & sb = step.b;
+        sb.n_tokens = per_step;
+        for (int i = 0; i < sb.n_tokens; ++i) {
+            sb.token[i] = tok;
+            sb.pos[i] = i == 0 ? pos : pos_txt;
+            sb.n_seq_id[i] = 1;
+            sb.seq_id[i][0] = i;
+            sb.logits[i] = i == 0;
+        }
+        ++pos;
+        ++pos_txt;
+        if (gen.trace) {
+            m.hook.col_img = 0;
+            m.hook.col_txt = 1;
+            std::fill(m.hook.step_vhd.begin(), m.hook.step_vhd.end(), 0.0f);
+        }
+        const int32_t rc2 = llama_decode(ctx, sb);
         if (rc2 != 0) fail("llama_decode failed while decoding (code " + std::to_string(rc2) + ")");
         if (two && !m.hook.error.empty()) fail("VHR callback: " + m.hook.error);
-        tok = sampler.sample(ctx, -1);
+        if (gen.trace) trace.push_back(m.hook.step_vhd);
+        tok = next_token(0);
         r.timings.n_decoded++;
     }
     r.timings.decode_ms = ms_since(t0);
     r.timings.tokens_per_s = r.timings.decode_ms > 0 ? 1000.0 * r.timings.n_decoded / r.timings.decode_ms : 0.0;
     if (two) m.hook.phase = HeadHook::Phase::idle;
+    trace.resize(std::min(trace.size(), r.tokens.size()));  // row t: the position that chose token t
+    for (const auto & row : trace) r.trace.insert(r.trace.end(), row.begin(), row.end());
 
     // ---- text
     std::string out(r.tokens.size() * 16 + 16, '\0');
@@ -470,7 +501,7 @@ Result Runner::caption(const RgbImage & image, const std::string & prompt,
 
     r.n_layer = m.n_layer;
     r.n_head = m.n_head;
-    if (two) {
+    if (vhr.enabled) {
         r.layers = vhr.layers;
         for (const auto & kv : vhr.forced_heads) {
             if (!std::count(r.layers.begin(), r.layers.end(), kv.first)) r.layers.push_back(kv.first);

@@ -56,6 +56,11 @@ struct GenParams {
     uint32_t seed        = 0;
     bool     ignore_eos  = false;
     bool     keep_logits = false; // return the logits that chose the first token
+    // Analysis (VHR_SPEC 6): keep the text-only continuation and score every layer's heads at
+    // every step -> Result::trace. Doubles the decode work; not for production captions.
+    bool     trace       = false;
+    // Teacher forcing: generate exactly these tokens (e.g. to trace a given caption).
+    std::vector<int32_t> forced_tokens;
 };
 
 struct Timings {
@@ -76,6 +81,7 @@ struct Result {
     std::map<int, std::vector<int>> selected_heads;
     std::vector<float> vhd, ta;          // n_layer * n_head, row-major; zero rows unscored
     std::vector<float> first_logits;     // when GenParams::keep_logits
+    std::vector<float> trace;            // when GenParams::trace: n_tokens * n_layer * n_head VHD
     Timings timings;
 };
 

@@ -218,3 +218,28 @@ def test_prompt_longer_than_context(tiny, image_a):
         with pytest.raises(VhrEdgeError, match="context holds 256"):
             s.caption(image_a, "describe " * 40)
         assert s.caption(image_a, "Hi", n_predict=2).n_tokens >= 1
+
+
+def test_trace_does_not_change_the_caption(session, image_a):
+    for vhr in (True, False):
+        plain = caption(session, image_a, vhr=vhr)
+        traced = session.caption(image_a, vhr=vhr, trace=True, keep_logits=True, n_predict=N, ignore_eos=True)
+        assert traced.tokens == plain.tokens
+        np.testing.assert_allclose(traced.first_logits, plain.first_logits, atol=1e-4)
+        assert traced.trace.shape == (N, 8, 4)
+        assert np.all(traced.trace > 0)  # every layer, every step
+        if vhr:  # step 0 of the trace is the selection's own VHD on the scored layers
+            for l in traced.vhr.layers:
+                np.testing.assert_allclose(traced.trace[0, l], traced.vhr.vhd[l], rtol=1e-5)
+
+
+def test_forced_tokens(session, image_a):
+    free = caption(session, image_a, n_predict=10)
+    forced = session.caption(image_a, forced_tokens=free.tokens[:6], n_predict=50)
+    assert forced.tokens == free.tokens[:6] and forced.stop_reason == "length"
+    other = [5, 6, 7, 8]
+    assert session.caption(image_a, forced_tokens=other).tokens == other
+    from vhr_edge.errors import VhrEdgeError
+
+    with pytest.raises(VhrEdgeError, match="outside the vocabulary"):
+        session.caption(image_a, forced_tokens=[10**6])

@@ -150,3 +150,55 @@ def test_loaders_agree(tiny, hf):
     assert mine.keys() == other.keys()
     for k in mine:
         assert torch.equal(mine[k], other[k]), k
+
+
+def _hf_step_vhd(model, prefix, rows, suffix, done):
+    """VHD of every layer's heads at the last position of (image prompt + done) vs
+    (text-only prompt + done), from one uncached batched forward: the trace's reference."""
+    import torch
+
+    n_layer, n_head = model.config.num_hidden_layers, model.config.num_attention_heads
+    emb = model.get_input_embeddings()
+    with torch.no_grad():
+        tail = emb(torch.as_tensor(list(suffix) + list(done), dtype=torch.long))
+        pre = emb(torch.as_tensor(list(prefix), dtype=torch.long))
+        seq0 = torch.cat([pre, torch.as_tensor(np.asarray(rows, np.float32)), tail])
+        seq1 = torch.cat([pre, tail])
+        L0, L1 = seq0.shape[0], seq1.shape[0]
+        x = torch.zeros(2, L0, seq0.shape[1])
+        x[0], x[1, :L1] = seq0, seq1
+        mask = torch.zeros(2, L0, dtype=torch.long)
+        mask[0], mask[1, :L1] = 1, 1
+        out = np.zeros((n_layer, n_head), np.float32)
+
+        def hook(layer):
+            def pre_hook(mod, args):
+                a = args[0]
+                d = (a[0, L0 - 1] - a[1, L1 - 1]).reshape(n_head, -1).double()
+                out[layer] = d.norm(dim=1).numpy()
+            return pre_hook
+
+        hs = [model.model.layers[l].self_attn.o_proj.register_forward_pre_hook(hook(l)) for l in range(n_layer)]
+        try:
+            model(inputs_embeds=x, attention_mask=mask, position_ids=torch.arange(L0).repeat(2, 1), use_cache=False)
+        finally:
+            for h in hs:
+                h.remove()
+    return out
+
+
+def test_trace_matches_uncached_reference(session, hf):
+    """T-VHD rows at later steps (KV cache + text-only continuation) vs full recomputation."""
+    img = scene(1)
+    e = session._runner.embed_image(img, DEFAULT_PROMPT, session.prompt_template)
+    r = session.caption(img, DEFAULT_PROMPT, vhr=False, trace=True, n_predict=12, ignore_eos=True)
+    assert r.trace.shape == (12, SPEC.n_layer, SPEC.n_head)
+    for t in (0, 5, 11):
+        ref = _hf_step_vhd(hf, e["prefix"], e["image"], e["suffix"], r.tokens[:t])
+        err = np.abs(r.trace[t] - ref).max() / np.abs(ref).max()
+        # later steps read the F16 KV cache of both sequences: a little more rounding than step 0
+        assert err <= (VHD_RTOL if t == 0 else 3 * VHD_RTOL), f"step {t}: rel err {err:.2e}"
+        print(f"step {t}: rel err {err:.2e}")
+    # a wrong position or sequence for the text-only continuation is far off, not 1e-3
+    wrong = _hf_step_vhd(hf, e["prefix"], e["image"], e["suffix"], r.tokens[1:6])
+    assert np.abs(r.trace[5] - wrong).max() / np.abs(wrong).max() > 0.05

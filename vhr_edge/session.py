@@ -84,6 +84,7 @@ class CaptionResult:
     vhr: VhrReport
     timings: Timings
     first_logits: Optional[np.ndarray] = field(default=None, repr=False)
+    trace: Optional[np.ndarray] = field(default=None, repr=False)  # [n_tokens, n_layer, n_head] VHD per step
 
     @property
     def n_tokens(self) -> int:
@@ -172,10 +173,17 @@ class Session:
         vhr: Union[VhrConfig, bool, None] = None,
         gen: Optional[GenerationConfig] = None,
         keep_logits: bool = False,
+        trace: bool = False,
+        forced_tokens: Optional[list[int]] = None,
         **overrides,
     ) -> CaptionResult:
         """Caption one image. `overrides` set fields of VhrConfig / GenerationConfig by name
-        (alpha=3, layers="1,4-7", n_predict=64, temp=0.7 ...)."""
+        (alpha=3, layers="1,4-7", n_predict=64, temp=0.7 ...).
+
+        trace: also score every layer's heads against the text-only continuation at every
+        step (VHR_SPEC 6) -> result.trace [n_tokens, n_layer, n_head]; about twice the decode work.
+        forced_tokens: generate exactly these token ids (teacher forcing, e.g. to trace a caption).
+        """
         vcfg = vhr if isinstance(vhr, VhrConfig) else VhrConfig(enabled=vhr is not False)
         gcfg = gen or GenerationConfig()
         vkeys = {k: v for k, v in overrides.items() if k in VhrConfig.__dataclass_fields__}
@@ -199,7 +207,7 @@ class Session:
                     vhr=vcfg.enabled, alpha=vcfg.alpha, layers=layers, outlier_rule=vcfg.outlier_rule,
                     head_mode=vcfg.head_mode, random_seed=vcfg.random_seed,
                     forced_heads={int(k): list(v) for k, v in (vcfg.forced_heads or {}).items()},
-                    share_prefix=vcfg.share_prefix,
+                    share_prefix=vcfg.share_prefix, trace=trace, forced_tokens=list(forced_tokens or []),
                 )
             except self._engine.EngineError as e:
                 raise VhrEdgeError(str(e)) from None
@@ -218,6 +226,7 @@ class Session:
             ),
             timings=Timings(**raw["timings"], image_load_ms=load_ms),
             first_logits=raw["first_logits"] if keep_logits else None,
+            trace=raw["trace"] if trace else None,
         )
 
     def _validate(self, v: VhrConfig, g: GenerationConfig) -> None:
