@@ -122,6 +122,12 @@ PYBIND11_MODULE(_engine, m) {
              py::arg("model"), py::arg("mmproj"), py::arg("n_threads") = 0, py::arg("n_gpu_layers") = 0,
              py::arg("n_ctx") = 2048, py::arg("flash_attn") = -1, py::arg("verbose") = false)
         .def("info", &vhr::Runner::info)
+        .def("tokenize", &vhr::Runner::tokenize, py::arg("text"))
+        .def("pieces", [](const vhr::Runner & self, const std::vector<int32_t> & tokens) {
+            py::list out;
+            for (const std::string & p : self.pieces(tokens)) out.append(utf8_lossy(p));
+            return out;
+        }, py::arg("tokens"))
         .def("embed_image",
              [](vhr::Runner & self, py::array_t<uint8_t, py::array::c_style> rgb, const std::string & prompt,
                 const std::string & prompt_template) {

@@ -330,6 +330,29 @@ ImageEmbedding Runner::embed_image(const RgbImage & image, const std::string & p
     return e;
 }
 
+std::vector<int32_t> Runner::tokenize(const std::string & text) const {
+    const llama_vocab * vocab = impl_->vocab;
+    std::vector<llama_token> out(text.size() + 8);
+    int32_t n = llama_tokenize(vocab, text.data(), (int32_t) text.size(), out.data(), (int32_t) out.size(), false, false);
+    if (n < 0) {
+        out.resize((size_t) -n);
+        n = llama_tokenize(vocab, text.data(), (int32_t) text.size(), out.data(), (int32_t) out.size(), false, false);
+    }
+    out.resize((size_t) std::max(n, 0));
+    return {out.begin(), out.end()};
+}
+
+std::vector<std::string> Runner::pieces(const std::vector<int32_t> & tokens) const {
+    std::vector<std::string> out;
+    char buf[256];
+    for (int32_t t : tokens) {
+        if (t < 0 || t >= llama_vocab_n_tokens(impl_->vocab)) fail("token id " + std::to_string(t) + " outside the vocabulary");
+        const int32_t n = llama_token_to_piece(impl_->vocab, t, buf, sizeof(buf), 0, false);
+        out.emplace_back(buf, (size_t) std::max(n, 0));
+    }
+    return out;
+}
+
 ModelInfo Runner::info() const {
     const Impl & m = *impl_;
     ModelInfo i;

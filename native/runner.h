@@ -122,6 +122,10 @@ public:
 
     ModelInfo info() const;
 
+    // The model's tokenizer: text -> ids (no BOS), and each id's text piece.
+    std::vector<int32_t> tokenize(const std::string & text) const;
+    std::vector<std::string> pieces(const std::vector<int32_t> & tokens) const;
+
     static const char * default_template();
 
 private:

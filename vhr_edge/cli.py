@@ -122,7 +122,10 @@ def build_parser() -> argparse.ArgumentParser:
     info.add_argument("--json", action="store_true")
     info.set_defaults(func=cmd_info)
     from .eval.cli import register as register_eval
+    from .eval.trace import register as register_trace
+
     register_eval(sub)
+    register_trace(sub)
     return parser
 
 
