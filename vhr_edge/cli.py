@@ -122,10 +122,12 @@ def build_parser() -> argparse.ArgumentParser:
     info.add_argument("--json", action="store_true")
     info.set_defaults(func=cmd_info)
     from .eval.cli import register as register_eval
+    from .eval.compare import register as register_compare
     from .eval.trace import register as register_trace
 
     register_eval(sub)
     register_trace(sub)
+    register_compare(sub)
     return parser
 
 

@@ -1,0 +1,163 @@
+"""`vhr-edge compare`: does quantization change hallucination, and does VHR still help?
+
+    vhr-edge compare [-m A.gguf -m B.gguf ...] [--mmproj M] [--testbed counterfactual] [-n 100]
+                     [--pope-n 50] [--alpha 2] [--out results/compare]
+
+For every model, greedy and VHR on the SAME image ids (the testbed split by default): CHAIR_S,
+CHAIR_I, recall, POPE F1 (mean of random / popular / adversarial), mean caption length,
+seconds per caption, decode tokens/s, peak RSS of the process, file size. Each run is a
+`vhr-edge eval` child process (so its peak RSS is its own) and resumable like eval.
+Default models: the bundled testbed F16, Q8_0 and Q4_K_M. Writes DIR/compare.md,
+DIR/compare.csv and DIR/compare.png; prints the markdown table.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from ..errors import ConfigError, VhrEdgeError
+
+COLUMNS = ["model", "method", "chair_s", "chair_i", "recall", "pope_f1", "mean_len", "s_per_caption",
+           "tokens_per_s", "peak_rss_mb", "file_mb"]
+
+
+def default_models() -> list[Path]:
+    models = Path(__file__).resolve().parent.parent.parent / "models"
+    return [models / n for n in ("testbed-f16.gguf", "testbed-q8_0.gguf", "testbed-q4_k_m.gguf")]
+
+
+def run_child(args: list[str]) -> tuple[dict, float, float]:
+    """(last-line JSON, wall seconds, peak RSS MB) of `vhr-edge <args>` in a child process."""
+    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
+        t0 = time.perf_counter()
+        p = subprocess.Popen([sys.executable, "-m", "vhr_edge.cli", *args], stdout=out, stderr=err, text=True)
+        _, status, usage = os.wait4(p.pid, 0)  # reaps the child and gives ITS peak RSS
+        p.returncode = os.waitstatus_to_exitcode(status)
+        wall = time.perf_counter() - t0
+        out.seek(0)
+        err.seek(0)
+        stdout, stderr = out.read(), err.read().strip()
+    if p.returncode:
+        raise VhrEdgeError(stderr.splitlines()[-1] if stderr else f"child failed: vhr-edge {' '.join(args)}")
+    return json.loads(stdout.strip().splitlines()[-1]), wall, usage.ru_maxrss / 1024.0
+
+
+def mean_tokens_per_s(jsonl: Path) -> float:
+    vals = []
+    with open(jsonl) as f:
+        for line in f:
+            t = json.loads(line).get("timings") or {}
+            if t.get("tokens_per_s"):
+                vals.append(t["tokens_per_s"])
+    return sum(vals) / len(vals) if vals else 0.0
+
+
+def compare(models: list[Path], mmproj: Path | None, out: Path, *, split: str, n: int, pope_n: int, seed: int,
+            alpha: float, threads: int, max_tokens: int) -> list[dict]:
+    rows = []
+    for model in models:
+        if not model.is_file():
+            raise ConfigError(f"model not found: {model}")
+        for method, flags in (("greedy", ["--no-vhr"]), (f"vhr-a{alpha:g}", ["--alpha", str(alpha)])):
+            common = ["-m", str(model), "--testbed", split, "--seed", str(seed), "-t", str(threads),
+                      "--no-progress", "--json", *flags] + (["--mmproj", str(mmproj)] if mmproj else [])
+            d = out / model.stem
+            chair, wall, rss = run_child(["eval", "chair", "-n", str(n), "--max-tokens", str(max_tokens),
+                                          "--out", str(d), *common])
+            row = {"model": model.name, "method": method, "chair_s": chair["chair_s"], "chair_i": chair["chair_i"],
+                   "recall": chair["recall"], "mean_len": chair["mean_len"],
+                   "s_per_caption": round(wall / max(1, chair["n"]), 3),
+                   "tokens_per_s": round(mean_tokens_per_s(d / f"chair-{method}.jsonl"), 1),
+                   "file_mb": round(model.stat().st_size / 2**20, 2)}
+            if pope_n > 0:
+                pope, _, rss2 = run_child(["eval", "pope", "-n", str(pope_n), "--out", str(d / "pope"), *common])
+                f1 = [m["f1"] for m in pope.values()]
+                row["pope_f1"] = round(sum(f1) / len(f1), 4)
+                rss = max(rss, rss2)
+            else:
+                row["pope_f1"] = None
+            row["peak_rss_mb"] = round(rss, 1)
+            rows.append(row)
+            print(f"{model.name} {method}: {json.dumps(row)}", file=sys.stderr, flush=True)
+    return rows
+
+
+def markdown(rows: list[dict]) -> str:
+    head = ("| model | method | CHAIR_S | CHAIR_I | recall | POPE F1 | words | s/caption | tok/s | peak RSS MB | MB |\n"
+            "|---|---|---|---|---|---|---|---|---|---|---|")
+    fmt = lambda v, p=3: "-" if v is None else (f"{v:.{p}f}" if isinstance(v, float) else str(v))  # noqa: E731
+    lines = [head] + [
+        f"| {r['model']} | {r['method']} | {fmt(r['chair_s'])} | {fmt(r['chair_i'])} | {fmt(r['recall'])} | "
+        f"{fmt(r['pope_f1'])} | {fmt(r['mean_len'], 1)} | {fmt(r['s_per_caption'])} | {fmt(r['tokens_per_s'], 1)} | "
+        f"{fmt(r['peak_rss_mb'], 1)} | {fmt(r['file_mb'], 2)} |" for r in rows]
+    return "\n".join(lines)
+
+
+def chart(rows: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    models = list(dict.fromkeys(r["model"] for r in rows))
+    methods = list(dict.fromkeys(r["method"] for r in rows))
+    fig, axes = plt.subplots(1, 3, figsize=(12, 3.5))
+    x = np.arange(len(models))
+    w = 0.8 / len(methods)
+    for ax, key, title in zip(axes, ("chair_s", "chair_i", "recall"), ("CHAIR_S", "CHAIR_I", "recall")):
+        for j, meth in enumerate(methods):
+            vals = [next((r[key] for r in rows if r["model"] == m and r["method"] == meth), 0) for m in models]
+            ax.bar(x + j * w, vals, w, label=meth)
+        ax.set_xticks(x + w * (len(methods) - 1) / 2, [m.replace(".gguf", "") for m in models], rotation=15)
+        ax.set_title(title)
+        ax.grid(axis="y", alpha=0.3)
+    axes[0].legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def register(sub) -> None:
+    p = sub.add_parser("compare", help="models (e.g. F16 vs Q8_0 vs Q4) x greedy/VHR: CHAIR, POPE, speed, memory")
+    p.add_argument("-m", "--model", action="append", dest="models", metavar="MODEL",
+                   help="text GGUF (repeat; default: the bundled testbed F16, Q8_0, Q4_K_M)")
+    p.add_argument("--mmproj", help="vision projector shared by the models (default: the one beside each model)")
+    p.add_argument("--testbed", default="counterfactual", choices=["indist", "counterfactual"])
+    p.add_argument("-n", type=int, default=100, help="images for CHAIR (100)")
+    p.add_argument("--pope-n", type=int, default=50, help="images for POPE (50; 0 = skip POPE)")
+    p.add_argument("--seed", type=int, default=1000)
+    p.add_argument("--alpha", type=float, default=2.0)
+    p.add_argument("--max-tokens", type=int, default=512, help="max new tokens per caption (512, the paper's)")
+    p.add_argument("-t", "--threads", type=int, default=0)
+    p.add_argument("--out", type=Path, default=Path("results/compare"))
+    p.set_defaults(func=cmd_compare)
+
+
+def cmd_compare(args) -> int:
+    if args.n < 1 or args.pope_n < 0:
+        raise ConfigError("-n must be >= 1 and --pope-n >= 0")
+    if not args.alpha > 0:
+        raise ConfigError(f"--alpha must be > 0, got {args.alpha}")
+    models = [Path(m) for m in args.models] if args.models else default_models()
+    args.out.mkdir(parents=True, exist_ok=True)
+    rows = compare(models, Path(args.mmproj) if args.mmproj else None, args.out, split=args.testbed, n=args.n,
+                   pope_n=args.pope_n, seed=args.seed, alpha=args.alpha, threads=args.threads,
+                   max_tokens=args.max_tokens)
+    md = markdown(rows)
+    (args.out / "compare.md").write_text(md + "\n")
+    with open(args.out / "compare.csv", "w", newline="") as f:
+        wr = csv.DictWriter(f, fieldnames=COLUMNS)
+        wr.writeheader()
+        wr.writerows(rows)
+    chart(rows, args.out / "compare.png")
+    print(md)
+    print(f"\nwrote {args.out}/compare.md, compare.csv, compare.png", file=sys.stderr)
+    return 0
