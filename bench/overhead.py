@@ -1,0 +1,137 @@
+"""VHR's cost against plain decoding, measured side by side (issue 5's goals, printed, not asserted).
+
+    python bench/overhead.py [--quick] [-m MODEL.gguf ... --mmproj MMPROJ] [--runs 7] [--tokens 64]
+
+For each model (default: the bundled testbed F16, Q8_0, Q4_K_M; --quick: F16 only, fewer
+runs): the same image and prompt, a FIXED number of generated tokens (EOS ignored), runs
+interleaved VHR / plain / VHR / plain ... after a warm-up, medians and the median of the
+per-pair ratios:
+  1. end-to-end caption latency       goal VHR/plain <= 1.05 (aim 1.02)
+  2. decode tokens/s after token one  goal >= 0.97
+  3. first-token cost (image encode + prefill incl. the text-only sequence)
+  4. peak RSS, each mode in its own child process   goal <= 1.05
+The last line is one JSON object {"latency_ratio", "decode_ratio", "rss_ratio"} (first model).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+GOALS = {"latency_ratio": ("<=", 1.05), "decode_ratio": (">=", 0.97), "rss_ratio": ("<=", 1.05)}
+
+
+def bench_image() -> np.ndarray:
+    from vhr_edge.testbed.scenes import make_split, render
+
+    return np.asarray(render(make_split("counterfactual", 1, 4321)[0]))
+
+
+def default_models(quick: bool) -> tuple[list[Path], Path]:
+    models = ROOT / "models"
+    names = ["testbed-f16.gguf"] + ([] if quick else ["testbed-q8_0.gguf", "testbed-q4_k_m.gguf"])
+    if (models / names[0]).is_file():
+        return [models / n for n in names], models / "testbed-mmproj-f16.gguf"
+    from vhr_edge import fixtures  # no testbed yet: a tiny random model
+
+    d = Path(tempfile.mkdtemp(prefix="vhr-bench-"))
+    text, mmproj = fixtures.write_tiny_llava(d, fixtures.TinySpec(n_layer=8))
+    return [text], mmproj
+
+
+def one(session, img, vhr: bool, tokens: int) -> dict:
+    t0 = time.perf_counter()
+    r = session.caption(img, vhr=vhr, n_predict=tokens, ignore_eos=True)
+    wall = (time.perf_counter() - t0) * 1000.0
+    t = r.timings
+    return {"latency_ms": wall, "decode_tps": t.tokens_per_s, "first_ms": t.image_encode_ms + t.prefill_ms}
+
+
+def child_peak_rss(model: Path, mmproj: Path, mode: str, tokens: int, threads: int) -> float:
+    """Peak RSS (MB) of a fresh process that loads the model and captions 3 times in `mode`."""
+    code = ("import sys, numpy as np; sys.path.insert(0, %r); from bench.overhead import bench_image; "
+            "from vhr_edge import Session; s = Session(%r, %r, n_threads=%d); img = bench_image(); "
+            "[s.caption(img, vhr=%r, n_predict=%d, ignore_eos=True) for _ in range(3)]"
+            % (str(ROOT), str(model), str(mmproj), threads, mode == "vhr", tokens))
+    p = subprocess.Popen([sys.executable, "-c", code])
+    _, status, usage = os.wait4(p.pid, 0)
+    if os.waitstatus_to_exitcode(status):
+        raise SystemExit(f"child for {model.name} ({mode}) failed")
+    return usage.ru_maxrss / 1024.0
+
+
+def bench_model(model: Path, mmproj: Path, runs: int, tokens: int, threads: int) -> dict:
+    from vhr_edge import Session
+
+    s = Session(model, mmproj, n_threads=threads)
+    img = bench_image()
+    one(s, img, True, tokens)  # warm-up: contexts created, caches hot
+    one(s, img, False, tokens)
+    a, b = [], []
+    for _ in range(runs):  # interleaved, so drift hits both
+        a.append(one(s, img, True, tokens))
+        b.append(one(s, img, False, tokens))
+    s.close()
+    med = lambda xs, k: statistics.median(x[k] for x in xs)  # noqa: E731
+    pair = lambda k: statistics.median(x[k] / y[k] for x, y in zip(a, b))  # noqa: E731
+    rss_vhr = child_peak_rss(model, mmproj, "vhr", tokens, threads)
+    rss_plain = child_peak_rss(model, mmproj, "plain", tokens, threads)
+    return {
+        "model": model.name, "runs": runs, "tokens": tokens,
+        "vhr": {k: round(med(a, k), 2) for k in ("latency_ms", "decode_tps", "first_ms")},
+        "plain": {k: round(med(b, k), 2) for k in ("latency_ms", "decode_tps", "first_ms")},
+        "latency_ratio": round(pair("latency_ms"), 4), "decode_ratio": round(pair("decode_tps"), 4),
+        "first_token_ratio": round(pair("first_ms"), 4),
+        "rss_mb": {"vhr": round(rss_vhr, 1), "plain": round(rss_plain, 1)},
+        "rss_ratio": round(rss_vhr / rss_plain, 4),
+    }
+
+
+def verdict(key: str, value: float) -> str:
+    op, goal = GOALS[key]
+    ok = value <= goal if op == "<=" else value >= goal
+    return f"{'PASS' if ok else 'MISS'} ({op} {goal})"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="F16 only, 5 runs, 32 tokens (< 3 min)")
+    ap.add_argument("-m", "--model", action="append", type=Path)
+    ap.add_argument("--mmproj", type=Path)
+    ap.add_argument("--runs", type=int, default=7)
+    ap.add_argument("--tokens", type=int, default=64)
+    ap.add_argument("-t", "--threads", type=int, default=0)
+    a = ap.parse_args()
+    if a.model:
+        models, mmproj = a.model, a.mmproj
+    else:
+        models, mmproj = default_models(a.quick)
+    runs, tokens = (5, 32) if a.quick else (max(5, a.runs), a.tokens)
+    results = []
+    print(f"{'model':<24} {'mode':<6} {'latency ms':>11} {'decode tok/s':>13} {'first-token ms':>15} {'peak RSS MB':>12}")
+    for m in models:
+        r = bench_model(m, mmproj, runs, tokens, a.threads)
+        results.append(r)
+        for mode in ("vhr", "plain"):
+            x = r[mode]
+            print(f"{r['model']:<24} {mode:<6} {x['latency_ms']:>11.1f} {x['decode_tps']:>13.1f} "
+                  f"{x['first_ms']:>15.1f} {r['rss_mb'][mode]:>12.1f}")
+        for key in ("latency_ratio", "decode_ratio", "rss_ratio"):
+            print(f"  {key:<16} {r[key]:.4f}  {verdict(key, r[key])}")
+        print(f"  {'first_token_ratio':<16} {r['first_token_ratio']:.4f}  (the text-only prefill rows)")
+    r0 = results[0]
+    print(json.dumps({k: r0[k] for k in ("latency_ratio", "decode_ratio", "rss_ratio")}))
+
+
+if __name__ == "__main__":
+    main()
