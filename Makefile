@@ -29,11 +29,24 @@ build: $(VENV)/.llama-cpp-python
 setup: build
 	$(PIP) install -q --no-build-isolation -e ".[test,oracle]"
 
+# The main job: caption the bundled counterfactual examples with the testbed model in models/
+# (VHR and plain greedy side by side); without models/ it falls back to a random tiny model.
 demo: build
-	$(PY) -m vhr_edge.fixtures $(DEMO_DIR)
-	$(VENV)/bin/vhr-edge caption examples/scene.png -m $(DEMO_DIR)/tiny-text.gguf --mmproj $(DEMO_DIR)/tiny-mmproj.gguf -n 24
-	$(VENV)/bin/vhr-edge caption examples/scene.png -m $(DEMO_DIR)/tiny-text.gguf --mmproj $(DEMO_DIR)/tiny-mmproj.gguf -n 24 --json > $(DEMO_DIR)/caption.json
-	@echo "JSON result (selected heads, VHD matrix, timings): $(DEMO_DIR)/caption.json"
+	@mkdir -p $(DEMO_DIR)
+	@if [ -f models/testbed-f16.gguf ]; then \
+	  for img in examples/fork_without_knife.png examples/car_without_traffic_light.png examples/dog_without_ball.png; do \
+	    echo "== $$img  (greedy, then VHR)"; \
+	    $(VENV)/bin/vhr-edge caption $$img --no-vhr -n 96; \
+	    $(VENV)/bin/vhr-edge caption $$img -n 96; \
+	  done; \
+	  $(VENV)/bin/vhr-edge caption examples/*_without_*.png -n 96 --json > $(DEMO_DIR)/captions.jsonl; \
+	  echo "JSON lines (selected heads, VHD matrices, timings): $(DEMO_DIR)/captions.jsonl"; \
+	else \
+	  $(PY) -m vhr_edge.fixtures $(DEMO_DIR); \
+	  $(VENV)/bin/vhr-edge caption examples/scene.png -m $(DEMO_DIR)/tiny-text.gguf --mmproj $(DEMO_DIR)/tiny-mmproj.gguf -n 24; \
+	  $(VENV)/bin/vhr-edge caption examples/scene.png -m $(DEMO_DIR)/tiny-text.gguf --mmproj $(DEMO_DIR)/tiny-mmproj.gguf -n 24 --json > $(DEMO_DIR)/captions.jsonl; \
+	  echo "JSON result (selected heads, VHD matrix, timings): $(DEMO_DIR)/captions.jsonl"; \
+	fi
 
 test: setup
 	$(PY) -m pytest -q tests
