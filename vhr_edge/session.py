@@ -184,6 +184,8 @@ class Session:
         step (VHR_SPEC 6) -> result.trace [n_tokens, n_layer, n_head]; about twice the decode work.
         forced_tokens: generate exactly these token ids (teacher forcing, e.g. to trace a caption).
         """
+        if self._runner is None:
+            raise VhrEdgeError("this session is closed")
         vcfg = vhr if isinstance(vhr, VhrConfig) else VhrConfig(enabled=vhr is not False)
         gcfg = gen or GenerationConfig()
         vkeys = {k: v for k, v in overrides.items() if k in VhrConfig.__dataclass_fields__}
@@ -248,6 +250,7 @@ class Session:
             raise ConfigError(f"top_p must be in (0, 1], got {g.top_p}")
 
     def close(self) -> None:
+        """Free the model and contexts now (otherwise when the session is collected)."""
         self._runner = None
 
     def __enter__(self) -> "Session":
