@@ -5,6 +5,10 @@
     vhr-edge info MODEL [--json]
     vhr-edge serve [-m MODEL] [--mmproj MMPROJ] [--host 127.0.0.1] [--port 8080] [--api-key KEY]
     vhr-edge watch DIR|- [-m MODEL] [--hz 2] [--max-frames N]
+    vhr-edge calibrate [-m MODEL] [--alphas 1.5,2,3] [-n 100] [--out DIR]   (writes a VHR profile)
+
+--alpha/--layers override a VHR profile (--profile FILE, or <model stem>.vhr-profile.json
+beside the model unless --no-profile), which overrides the defaults (alpha 2, layers auto).
 
 Errors are one line on stderr and a non-zero exit: 1 bad input / run failure,
 2 bad usage, 130 interrupted.
@@ -23,6 +27,7 @@ from pathlib import Path
 
 from . import DEFAULT_PROMPT, __version__
 from .errors import ConfigError, ImageError, ModelError, VhrEdgeError
+from .profile import add_profile_args
 
 EXIT_ERROR, EXIT_USAGE, EXIT_INTERRUPTED = 1, 2, 130
 
@@ -64,8 +69,11 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
 
 def _add_vhr_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("VHR")
-    g.add_argument("--alpha", type=float, default=2.0, help="reinforcement factor for the selected heads (default 2)")
-    g.add_argument("--layers", default="auto", help="VHR layer set: auto (layer 1 + last 14 of 32), all, or e.g. 1,18-31")
+    g.add_argument("--alpha", type=float, default=None,
+                   help="reinforcement factor for the selected heads (default: the profile's, else 2)")
+    g.add_argument("--layers", default=None,
+                   help="VHR layer set: auto (layer 1 + last 14 of 32), all, or e.g. 1,18-31 (default: the profile's, else auto)")
+    add_profile_args(g)
     g.add_argument("--no-vhr", action="store_true", help="plain decoding: the same runner with no callback (baseline)")
     g.add_argument("--random-heads", action="store_true",
                    help="control: reinforce as many heads per layer as VHR would, chosen at random")
@@ -106,6 +114,10 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--max-body-mb", type=float, default=20.0, help="request body limit (413 above)")
     srv.add_argument("--allow-local-files", action="store_true",
                      help="accept image_url values that are paths on this machine")
+    g = srv.add_argument_group("VHR defaults (a request's \"vhr\" field overrides them)")
+    g.add_argument("--alpha", type=float, default=None, help="default alpha (the profile's, else 2)")
+    g.add_argument("--layers", default=None, help="default layer set (the profile's, else auto)")
+    add_profile_args(g)
     srv.set_defaults(func=cmd_serve)
 
     wat = sub.add_parser("watch", help="caption the newest frame of a folder (or of paths on stdin) as it appears")
@@ -124,10 +136,12 @@ def build_parser() -> argparse.ArgumentParser:
     from .eval.cli import register as register_eval
     from .eval.compare import register as register_compare
     from .eval.trace import register as register_trace
+    from .calibrate import register as register_calibrate
 
     register_eval(sub)
     register_trace(sub)
     register_compare(sub)
+    register_calibrate(sub)
     return parser
 
 
@@ -161,14 +175,41 @@ def open_session(args):
                    n_ctx=args.ctx_size, flash_attn=fa, verbose=args.verbose)
 
 
+def resolve_vhr(args, announce: bool = True):
+    """Fill args.alpha / args.layers by the profile precedence (`profile.resolve`: flag >
+    --profile FILE > <model stem>.vhr-profile.json beside the GGUF > alpha 2, layers auto) and
+    say on stderr (one line) which profile was used. Idempotent; returns the `Resolved`."""
+    from .profile import resolve
+
+    if getattr(args, "vhr_resolved", None) is not None:
+        return args.vhr_resolved
+    if args.alpha is not None and not (args.alpha > 0):
+        raise ConfigError(f"--alpha must be > 0, got {args.alpha}")
+    if getattr(args, "no_vhr", False):  # no heads are reinforced: a profile has nothing to say
+        res = resolve(None, layers=args.layers, alpha=args.alpha, no_profile=True)
+    else:
+        wants = args.profile is not None or (not args.no_profile and (args.alpha is None or args.layers is None))
+        model = resolve_models(args)[0] if wants else None
+        res = resolve(model, layers=args.layers, alpha=args.alpha, profile=args.profile, no_profile=args.no_profile)
+        line = res.describe(Path(model).name if model else None)
+        if announce and line:
+            print(line, file=sys.stderr, flush=True)
+    args.alpha, args.layers, args.vhr_resolved = res.alpha, res.layers_spec, res
+    return res
+
+
 def configs(args):
-    """VhrConfig and GenerationConfig from the VHR and generation flags."""
+    """VhrConfig and GenerationConfig from the VHR and generation flags (and the profile)."""
+    from .engine import load
     from .session import GenerationConfig, VhrConfig
 
-    if not (args.alpha > 0):
+    load()  # a broken or mismatched llama.cpp install is the first thing to report
+
+    if args.alpha is not None and not (args.alpha > 0):
         raise ConfigError(f"--alpha must be > 0, got {args.alpha}")
     if args.n_predict < 1:
         raise ConfigError(f"-n must be at least 1, got {args.n_predict}")
+    resolve_vhr(args)
     vhr = VhrConfig(enabled=not args.no_vhr, alpha=args.alpha, layers=args.layers,
                     outlier_rule=not args.no_outlier_rule,
                     head_mode="random" if args.random_heads else "vhd", random_seed=args.seed)
@@ -220,11 +261,17 @@ def cmd_serve(args) -> int:
         raise ConfigError(f"--max-queue must be in 1..10000, got {args.max_queue}")
     if not 0 <= args.port <= 65535:
         raise ConfigError(f"--port must be in 0..65535, got {args.port}")
+    from .layers import parse_layers
+    from .session import VhrConfig
+
+    res = resolve_vhr(args)
     session = open_session(args)
+    parse_layers(res.layers, session.n_layer)  # a bad default fails now, not on every request
     try:
         server, service = make_server(session, args.host, args.port, api_key=args.api_key,
                                       max_queue=args.max_queue, max_body=int(args.max_body_mb * 1024 * 1024),
-                                      allow_local_files=args.allow_local_files, quiet=not args.verbose)
+                                      allow_local_files=args.allow_local_files, quiet=not args.verbose,
+                                      default_vhr=VhrConfig(alpha=res.alpha, layers=res.layers))
     except OSError as e:
         raise ConfigError(f"cannot listen on {args.host}:{args.port}: {e.strerror or e}") from None
     host, port = server.server_address[:2]

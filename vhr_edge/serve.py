@@ -8,6 +8,8 @@
     GET  /health                 {"status": "ok", ...}
     GET  /v1/models
 
+A request without "vhr" fields gets the server's defaults: --alpha/--layers, else the model's
+VHR profile (--profile FILE or the one beside the GGUF), else alpha 2 and layers auto.
 One engine thread captions requests in arrival order; at most `max_queue` wait behind it,
 the next one gets 429. Bodies above `max_body` bytes and images above `max_pixels` get 413.
 Errors use OpenAI's shape: {"error": {"message", "type", "code"}}.
@@ -144,7 +146,9 @@ def decode_image_url(url: Any, allow_local_files: bool) -> Any:
     return path
 
 
-def parse_request(body: dict, allow_local_files: bool) -> Job:
+def parse_request(body: dict, allow_local_files: bool, default_vhr: Optional[VhrConfig] = None) -> Job:
+    """default_vhr: the server's alpha and layers (a profile's, or the flags'); the request's
+    "vhr" fields override them."""
     if not isinstance(body, dict):
         raise HttpError(400, "request body must be a JSON object", "invalid_request")
     messages = body.get("messages")
@@ -200,10 +204,11 @@ def parse_request(body: dict, allow_local_files: bool) -> Job:
     unknown = set(v) - {"enabled", "alpha", "layers"}
     if unknown:
         raise HttpError(400, f"unknown vhr field(s): {', '.join(sorted(unknown))}", "invalid_parameter")
-    alpha = v.get("alpha", 2.0)
+    dv = default_vhr or VhrConfig()
+    alpha = v.get("alpha", dv.alpha)
     if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not alpha > 0:
         raise HttpError(400, "vhr.alpha must be a number > 0", "invalid_parameter")
-    layers = v.get("layers", "auto")
+    layers = v.get("layers", dv.layers)
     if not isinstance(layers, (str, list)):
         raise HttpError(400, "vhr.layers must be 'auto', 'all', '1,18-31' or a list of ints", "invalid_parameter")
     vhr = VhrConfig(enabled=bool(v.get("enabled", True)), alpha=float(alpha), layers=layers)
@@ -244,6 +249,7 @@ class Handler(BaseHTTPRequestHandler):
     max_body = MAX_BODY
     model_name = "vhr-edge"
     quiet = True
+    default_vhr: Optional[VhrConfig] = None
 
     def log_message(self, fmt, *args):  # access log only when asked
         if not self.quiet:
@@ -296,7 +302,7 @@ class Handler(BaseHTTPRequestHandler):
                 payload = json.loads(body)
             except (UnicodeDecodeError, json.JSONDecodeError) as e:
                 raise HttpError(400, f"malformed JSON: {e}", "invalid_json") from None
-            job = self.service.submit(parse_request(payload, self.allow_local_files))
+            job = self.service.submit(parse_request(payload, self.allow_local_files, self.default_vhr))
             self._send(200, completion_body(job, self.model_name))
         except HttpError as e:
             self._error(e)
@@ -332,10 +338,12 @@ class Handler(BaseHTTPRequestHandler):
 
 def make_server(session: Session, host: str = "127.0.0.1", port: int = 8080, *, api_key: Optional[str] = None,
                 max_queue: int = 8, max_body: int = MAX_BODY, allow_local_files: bool = False,
-                model_name: Optional[str] = None, quiet: bool = True) -> tuple[ThreadingHTTPServer, CaptionService]:
+                model_name: Optional[str] = None, quiet: bool = True,
+                default_vhr: Optional[VhrConfig] = None) -> tuple[ThreadingHTTPServer, CaptionService]:
+    """default_vhr: alpha and layers for requests that do not set them (default: 2, auto)."""
     service = CaptionService(session, max_queue=max_queue)
     attrs = dict(service=service, api_key=api_key, allow_local_files=allow_local_files, max_body=max_body,
-                 model_name=model_name or Path(session.model_path).name, quiet=quiet)
+                 model_name=model_name or Path(session.model_path).name, quiet=quiet, default_vhr=default_vhr)
     handler = type("BoundHandler", (Handler,), attrs)
     server = ThreadingHTTPServer((host, port), handler)
     server.daemon_threads = True

@@ -5,7 +5,9 @@
                         --out DIR [--tag TAG] [--json]
     vhr-edge eval pope  [--split random|popular|adversarial|all] (same data / model / method flags)
 
-Data default: the testbed's counterfactual split, seed 1000, 500 scenes. The method tag
+Data default: the testbed's counterfactual split, seed 1000, 500 scenes. --alpha/--layers
+override a VHR profile (--profile FILE, or <model stem>.vhr-profile.json beside the model
+unless --no-profile); a profile's layers show up in the tag. The method tag
 (default "greedy" or "vhr-a2", "...-L1,4-7", "-random", "-nooutlier") names the result files
 in --out, so greedy and VHR runs share one folder and one ids.json. A killed run started again
 with the same flags continues where it stopped. --json prints the summary object as the last
@@ -114,14 +116,19 @@ def make_source(args):
 
 
 def method_configs(args):
+    from .. import cli as base
     from ..layers import parse_layers
     from ..session import GenerationConfig, VhrConfig
 
-    if not (args.alpha > 0):
+    if args.alpha is not None and not (args.alpha > 0):
         raise ConfigError(f"--alpha must be > 0, got {args.alpha}")
     if args.max_tokens < 1:
         raise ConfigError(f"--max-tokens must be at least 1, got {args.max_tokens}")
-    parse_layers(args.layers, 10_000)  # syntax only; the model's depth is checked when captioning
+    if args.layers is not None:
+        parse_layers(args.layers, 10_000)  # syntax only; the model's depth is checked when captioning
+    if args.tag:
+        method_tag(args)  # a bad --tag is reported before the model is looked at
+    base.resolve_vhr(args)  # flag > --profile > profile beside the model > alpha 2, layers auto
     vhr = VhrConfig(enabled=not args.no_vhr, alpha=args.alpha, layers=args.layers,
                     outlier_rule=not args.no_outlier_rule, head_mode="random" if args.random_heads else "vhd",
                     random_seed=0)
@@ -136,12 +143,17 @@ def method_tag(args) -> str:
         return args.tag
     if args.no_vhr:
         return "greedy"
-    tag = f"vhr-a{args.alpha:g}"
-    if args.layers != "auto":
-        tag += "-L" + re.sub(r"[^0-9a-z,-]", "", args.layers.replace(" ", ""))
-    if args.random_heads:
+    return vhr_tag(args.alpha, args.layers, random=args.random_heads, outlier_rule=not args.no_outlier_rule)
+
+
+def vhr_tag(alpha: float, layers: str = "auto", random: bool = False, outlier_rule: bool = True) -> str:
+    """"vhr-a2", "vhr-a3-L1,4-7", "...-random", "...-nooutlier": the default name of a VHR run."""
+    tag = f"vhr-a{alpha:g}"
+    if layers != "auto":
+        tag += "-L" + re.sub(r"[^0-9a-z,-]", "", layers.replace(" ", ""))
+    if random:
         tag += "-random"
-    if args.no_outlier_rule:
+    if not outlier_rule:
         tag += "-nooutlier"
     return tag
 

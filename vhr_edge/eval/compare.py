@@ -1,13 +1,15 @@
 """`vhr-edge compare`: does quantization change hallucination, and does VHR still help?
 
     vhr-edge compare [-m A.gguf -m B.gguf ...] [--mmproj M] [--testbed counterfactual] [-n 100]
-                     [--pope-n 50] [--alpha 2] [--out results/compare]
+                     [--pope-n 50] [--alpha 2] [--layers L] [--profile P ...|--no-profile] [--out results/compare]
 
 For every model, greedy and VHR on the SAME image ids (the testbed split by default): CHAIR_S,
 CHAIR_I, recall, POPE F1 (mean of random / popular / adversarial), mean caption length,
 seconds per caption, decode tokens/s, peak RSS of the process, file size. Each run is a
 `vhr-edge eval` child process (so its peak RSS is its own) and resumable like eval.
-Default models: the bundled testbed F16, Q8_0 and Q4_K_M. Writes DIR/compare.md,
+VHR uses each model's profile (--profile, one per model, or <model stem>.vhr-profile.json
+beside it) unless --alpha/--layers/--no-profile say otherwise; the method name then carries
+the profile's layers ("vhr-a3-L0-3"). Default models: the bundled testbed F16, Q8_0 and Q4_K_M. Writes DIR/compare.md,
 DIR/compare.csv and DIR/compare.png; prints the markdown table.
 """
 
@@ -60,14 +62,31 @@ def mean_tokens_per_s(jsonl: Path) -> float:
 
 
 def compare(models: list[Path], mmproj: Path | None, out: Path, *, split: str, n: int, pope_n: int, seed: int,
-            alpha: float, threads: int, max_tokens: int) -> list[dict]:
-    rows = []
+            alpha: float | None, threads: int, max_tokens: int, layers: str | None = None,
+            profiles: list[Path] | None = None, no_profile: bool = False) -> list[dict]:
+    """alpha/layers: explicit settings (None: each model's VHR profile, else 2 / auto).
+    profiles: one profile file per model (None: the profile beside each model, if any)."""
+    from ..profile import resolve
+    from .cli import vhr_tag
+
+    if profiles is not None and len(profiles) != len(models):
+        raise ConfigError(f"give one --profile per -m model ({len(models)} models, {len(profiles)} profiles)")
     for model in models:
         if not model.is_file():
             raise ConfigError(f"model not found: {model}")
-        for method, flags in (("greedy", ["--no-vhr"]), (f"vhr-a{alpha:g}", ["--alpha", str(alpha)])):
+    rows = []
+    for i, model in enumerate(models):
+        # resolved here, passed to the children explicitly (--no-profile), so the tag names it
+        res = resolve(model, layers=layers, alpha=alpha, profile=profiles[i] if profiles else None,
+                      no_profile=no_profile)
+        line = res.describe(model.name)
+        if line:
+            print(line, file=sys.stderr, flush=True)
+        vtag = vhr_tag(res.alpha, res.layers_spec)
+        for method, flags in (("greedy", ["--no-vhr"]),
+                              (vtag, ["--alpha", repr(res.alpha), "--layers", res.layers_spec, "--tag", vtag])):
             common = ["-m", str(model), "--testbed", split, "--seed", str(seed), "-t", str(threads),
-                      "--no-progress", "--json", *flags] + (["--mmproj", str(mmproj)] if mmproj else [])
+                      "--no-progress", "--json", "--no-profile", *flags] + (["--mmproj", str(mmproj)] if mmproj else [])
             d = out / model.stem
             chair, wall, rss = run_child(["eval", "chair", "-n", str(n), "--max-tokens", str(max_tokens),
                                           "--out", str(d), *common])
@@ -134,7 +153,12 @@ def register(sub) -> None:
     p.add_argument("-n", type=int, default=100, help="images for CHAIR (100)")
     p.add_argument("--pope-n", type=int, default=50, help="images for POPE (50; 0 = skip POPE)")
     p.add_argument("--seed", type=int, default=1000)
-    p.add_argument("--alpha", type=float, default=2.0)
+    p.add_argument("--alpha", type=float, default=None, help="VHR alpha (default: each model's profile, else 2)")
+    p.add_argument("--layers", default=None, help="VHR layer set (default: each model's profile, else auto)")
+    p.add_argument("--profile", action="append", dest="profiles", metavar="FILE", type=Path,
+                   help="VHR profile, one per -m in the same order (default: <model stem>.vhr-profile.json "
+                        "beside each model, if there is one)")
+    p.add_argument("--no-profile", action="store_true", help="ignore profiles beside the models")
     p.add_argument("--max-tokens", type=int, default=512, help="max new tokens per caption (512, the paper's)")
     p.add_argument("-t", "--threads", type=int, default=0)
     p.add_argument("--out", type=Path, default=Path("results/compare"))
@@ -144,13 +168,15 @@ def register(sub) -> None:
 def cmd_compare(args) -> int:
     if args.n < 1 or args.pope_n < 0:
         raise ConfigError("-n must be >= 1 and --pope-n >= 0")
-    if not args.alpha > 0:
+    if args.alpha is not None and not args.alpha > 0:
         raise ConfigError(f"--alpha must be > 0, got {args.alpha}")
+    if args.profiles and args.no_profile:
+        raise ConfigError("give --profile FILE or --no-profile, not both")
     models = [Path(m) for m in args.models] if args.models else default_models()
     args.out.mkdir(parents=True, exist_ok=True)
     rows = compare(models, Path(args.mmproj) if args.mmproj else None, args.out, split=args.testbed, n=args.n,
                    pope_n=args.pope_n, seed=args.seed, alpha=args.alpha, threads=args.threads,
-                   max_tokens=args.max_tokens)
+                   max_tokens=args.max_tokens, layers=args.layers, profiles=args.profiles, no_profile=args.no_profile)
     md = markdown(rows)
     (args.out / "compare.md").write_text(md + "\n")
     with open(args.out / "compare.csv", "w", newline="") as f:

@@ -5,13 +5,15 @@
   exact (the scene's categories); the testbed vocabulary. POPE's popular / adversarial
   statistics come from 1000 "indist" scenes (the habits of the training law), so on the
   counterfactual split the adversarial negatives are the missing habitual partners.
-- `CocoSource(images_dir, annotations, n, seed)`: a COCO instances file (instances_val2014.json
+- `CocoSource(images_dir, annotations, n, seed, exclude=ids)`: a COCO instances file (instances_val2014.json
   or one written by `testbed.coco`) and its image folder. `n` image ids are drawn from all the
   file's images by `numpy.random.default_rng(seed).permutation`, in that order (so the first
   k of a larger draw with the same seed are a smaller draw). Ground truth per image: the
   categories of its instance annotations, plus (optional `captions` file, as in the CHAIR
   paper) the objects that its reference captions mention. The vocabulary follows the
   category names (`chair.vocabulary_for`): testbed names -> testbed words, else COCO.
+  `exclude` removes ids from the pool before the draw (calibration sets disjoint from an
+  evaluation run's ids.json; `n_available` then counts the remaining pool).
 
 `write_ids(out_dir, source)` saves the chosen ids next to the results (ids.json) and refuses an
 out dir that already holds a run on other images, so every run in one folder is comparable.
@@ -130,8 +132,10 @@ class CocoSource(DataSource):
     kind = "coco"
 
     def __init__(self, images_dir, annotations, n: int = DEFAULT_N, seed: int = DEFAULT_SEED,
-                 captions: Optional[str] = None):
+                 captions: Optional[str] = None, exclude=None):
         self.n_requested, self.seed = _check_n(n), int(seed)
+        # ids never drawn (e.g. an evaluation run's ids.json, for a disjoint calibration draw)
+        self.exclude = None if exclude is None else {str(i) for i in exclude}
         self.images_dir, self.annotations = Path(images_dir), Path(annotations)
         self.captions_path = Path(captions) if captions else None
         coco = _read_json(self.annotations, "annotations file")
@@ -158,6 +162,11 @@ class CocoSource(DataSource):
             self._add_caption_objects(gts)
         self._gts = gts
         all_ids = sorted(files, key=_id_sort_key)
+        if self.exclude is not None:
+            self.n_excluded = sum(str(i) in self.exclude for i in all_ids)
+            all_ids = [i for i in all_ids if str(i) not in self.exclude]
+            if not all_ids:
+                raise DataError(f"annotations file {self.annotations} lists no images outside the excluded ids")
         order = np.random.default_rng(self.seed).permutation(len(all_ids))
         chosen = [all_ids[int(i)] for i in order[: self.n_requested]]
         self.n = len(chosen)
@@ -199,7 +208,8 @@ class CocoSource(DataSource):
                 "images": os.path.abspath(self.images_dir),
                 "captions": os.path.abspath(self.captions_path) if self.captions_path else None,
                 "seed": self.seed, "n": self.n, "n_available": self.n_available,
-                "vocabulary": self.vocab.name}
+                "vocabulary": self.vocab.name,
+                **({"n_excluded": self.n_excluded} if self.exclude is not None else {})}
 
 
 def write_ids(out_dir, source: DataSource) -> Path:
