@@ -152,10 +152,13 @@ def test_bad_input_table(files, name, build, fragment):
     assert re.search(fragment, lines[0]), f"{name}: {lines[0]!r} lacks {fragment!r}"
 
 
-def test_no_model_anywhere(files, tmp_path):
-    env = dict(os.environ)
-    env.pop("VHR_EDGE_MODEL", None)
-    r = subprocess.run(EXE + ["caption", str(files["img"])], capture_output=True, text=True, env=env, cwd=tmp_path)
-    if r.returncode == 0:  # a bundled testbed model exists in this checkout
-        pytest.skip("bundled model present")
-    assert r.stderr.strip().startswith("vhr-edge: error:") and "-m" in r.stderr
+def test_default_model_and_no_model(files, monkeypatch, capsys):
+    from vhr_edge import cli
+
+    if cli.default_model_paths()[0]:  # the bundled testbed is the default model
+        r = run("caption", files["img"], "-n", "4")
+        assert r.returncode == 0 and r.stdout.strip(), r.stderr
+    monkeypatch.setattr(cli, "default_model_paths", lambda: (None, None))
+    assert cli.main(["caption", str(files["img"])]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("vhr-edge: error: no model given") and "-m" in err and "\n" not in err
