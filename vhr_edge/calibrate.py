@@ -556,7 +556,7 @@ def cmd_calibrate(args) -> int:
         calibration={"source": source.describe(), "seed": args.seed, "n": n_img, "ids_sha256": ids_sha256(source.ids),
                      "excluded_ids": excl, "prompt": prompt, "max_tokens": args.max_tokens,
                      "split": args.split or (CAL_SPLIT if source.kind == "testbed" else None),
-                     "decoding": "greedy", "sweep": str((out / "sweep.json").resolve())},
+                     "decoding": "greedy", "sweep": str(out / "sweep.json")},
         metrics={"chosen": _metrics(chosen, d.ci), "greedy": _metrics(greedy, d.ci),
                  "paper_rule": _metrics(paper, d.ci), "random_heads": _metrics(controls.get(d.chosen), d.ci),
                  "diff_vs_paper_rule": d.diff_vs_paper, "diff_vs_random_heads": d.chosen_vs_control,
