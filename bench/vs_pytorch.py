@@ -1,0 +1,80 @@
+"""vhr-edge VHR vs the PyTorch reference VHR (vhr_edge.oracle) on the same testbed weights.
+
+    python bench/vs_pytorch.py [--runs 5] [--tokens 32] [--threads 2]
+
+Same image, same prompt, same number of generated tokens (EOS ignored on both sides), the
+engine on models/testbed-f16.gguf, the reference on models/testbed-hf (f16 weights in float32,
+HF tower + projector for the image rows, o_proj pre-hooks for VHR). Both use `--threads`
+threads. Runs alternate after a warm-up; prints medians and the ratio, goal >= 10x faster.
+Needs the oracle extra (torch, transformers).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+MODELS = ROOT / "models"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--runs", type=int, default=5)
+    ap.add_argument("--tokens", type=int, default=32)
+    ap.add_argument("--threads", type=int, default=2)
+    a = ap.parse_args()
+
+    import torch
+    from transformers import LlamaForCausalLM, LlavaForConditionalGeneration
+
+    from vhr_edge import DEFAULT_PROMPT, Session
+    from vhr_edge.oracle import vhr_reference
+    from vhr_edge.testbed.model import image_features, image_tensor
+    from vhr_edge.testbed.scenes import make_split, render
+
+    torch.set_num_threads(a.threads)
+    llava = LlavaForConditionalGeneration.from_pretrained(MODELS / "testbed-hf", dtype=torch.float32).eval()
+    lm = LlamaForCausalLM(llava.config.text_config).eval()
+    lm.model.load_state_dict(llava.model.language_model.state_dict())
+    lm.lm_head.load_state_dict(llava.lm_head.state_dict())
+    session = Session(MODELS / "testbed-f16.gguf", MODELS / "testbed-mmproj-f16.gguf", n_threads=a.threads)
+    img = np.asarray(render(make_split("counterfactual", 1, 4321)[0]))
+    parts = session._runner.embed_image(img, DEFAULT_PROMPT, session.prompt_template)
+    layers = session.caption(img, n_predict=1).vhr.layers
+
+    def engine() -> float:
+        t0 = time.perf_counter()
+        session.caption(img, n_predict=a.tokens, ignore_eos=True)
+        return time.perf_counter() - t0
+
+    def reference() -> float:
+        t0 = time.perf_counter()
+        with torch.no_grad():
+            rows = image_features(llava, image_tensor(img[None]))[0].numpy()
+        out = vhr_reference(lm, parts["prefix"], rows, parts["suffix"], layers=layers, alpha=2.0,
+                            n_predict=a.tokens, eos_id=-1)
+        assert len(out["tokens"]) == a.tokens
+        return time.perf_counter() - t0
+
+    engine(), reference()  # warm-up
+    e, r = [], []
+    for _ in range(a.runs):
+        e.append(engine())
+        r.append(reference())
+    me, mr = statistics.median(e), statistics.median(r)
+    ratio = statistics.median(y / x for x, y in zip(e, r))
+    print(f"per caption ({a.tokens} tokens, VHR alpha 2, layers {layers}, {a.threads} threads):")
+    print(f"  vhr-edge (llama.cpp, F16 GGUF)   {me * 1000:8.1f} ms")
+    print(f"  PyTorch reference (HF, float32)  {mr * 1000:8.1f} ms")
+    print(f"  speed-up {ratio:.1f}x  {'PASS' if ratio >= 10 else 'MISS'} (>= 10x)")
+    print(json.dumps({"engine_ms": round(me * 1000, 1), "pytorch_ms": round(mr * 1000, 1), "speedup": round(ratio, 2)}))
+
+
+if __name__ == "__main__":
+    main()
