@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional, Union
 
-from .errors import ConfigError
+from .errors import ConfigError, read_json_file
 from .layers import format_layers
 
 FORMAT = 1
@@ -118,18 +118,7 @@ def load_profile(path: PathLike, n_layer: Optional[int] = None, model_path: Opti
     `model_path` (read from its GGUF metadata) when given."""
     p = Path(path)
     where = f"profile {p}"
-    if not p.exists():
-        raise ConfigError(f"profile not found: {p}")
-    if not p.is_file():
-        raise ConfigError(f"profile is not a file: {p}")
-    try:
-        d = json.loads(p.read_bytes())
-    except json.JSONDecodeError as e:
-        raise ConfigError(f"{where} is not valid JSON: {e.msg} at line {e.lineno} column {e.colno}") from None
-    except UnicodeDecodeError:
-        raise ConfigError(f"{where} is not valid JSON: not UTF-8 text") from None
-    except OSError as e:
-        raise ConfigError(f"cannot read {where}: {e.strerror or e}") from None
+    d = read_json_file(p, "profile", ConfigError)
     if n_layer is None and model_path is not None:
         n_layer = _model_depth(model_path)
     prof = profile_from_json(d, where, n_layer)

@@ -29,7 +29,7 @@ from typing import Any, Callable, Optional
 
 import numpy as np
 
-from ..errors import VhrEdgeError
+from ..errors import VhrEdgeError, read_json_file
 from . import DEFAULT_N, DEFAULT_SEED, chair
 
 
@@ -109,19 +109,7 @@ class TestbedSource(DataSource):
 
 
 def _read_json(path: Path, what: str) -> Any:
-    if not path.exists():
-        raise DataError(f"{what} not found: {path}")
-    if not path.is_file():
-        raise DataError(f"{what} is not a file: {path}")
-    try:
-        with open(path, "rb") as f:
-            return json.load(f)
-    except json.JSONDecodeError as e:
-        raise DataError(f"{what} {path} is not valid JSON: {e.msg} at line {e.lineno} column {e.colno}") from None
-    except UnicodeDecodeError:
-        raise DataError(f"{what} {path} is not valid JSON: not UTF-8 text") from None
-    except OSError as e:
-        raise DataError(f"cannot read {what} {path}: {e.strerror or e}") from None
+    return read_json_file(path, what, DataError)
 
 
 def _id_sort_key(x):
