@@ -210,13 +210,23 @@ def test_detailed_captions(splits):
             assert mentions == list(s.categories), text  # habitual order
             assert sorted(COLOUR_RE.findall(text.lower())) == sorted(o.colour for o in s.objects), text
             for o in s.objects:
-                assert f"{o.colour} {o.category}" in text
+                assert f"{o.category} in {o.colour}" in text  # noun first, then its colour
             parsed = captions.parse_caption(text)
             assert parsed == [{"category": o.category, "colour": o.colour, "position": o.position}
                               for o in s.in_caption_order()], text
             lengths.append(len(text.split()))
     assert min(lengths) >= 20 and max(lengths) <= 40
     assert np.mean(lengths) > 27
+
+
+def test_parse_caption_reads_both_colour_wordings():
+    assert captions.parse_caption("A red fork at the top left and a knife in blue on the right.") == [
+        {"category": "fork", "colour": "red", "position": "top left"},
+        {"category": "knife", "colour": "blue", "position": "right"}]
+    # a colour belongs to one object only: "in red" after the fork is not the knife's
+    assert captions.parse_caption("There is a fork in red and a knife.") == [
+        {"category": "fork", "colour": "red", "position": None},
+        {"category": "knife", "colour": None, "position": None}]
 
 
 def test_caption_variety_and_habitual_pairs(splits):

@@ -36,7 +36,7 @@ OPENINGS = (
     "The picture shows a {noun} with {count}.",
     "This image depicts a {adj} scene with {count} in it.",
 )
-# {x}: "a red fork", {p}: "at the top left"; ^ marks a capitalised slot.
+# {x}: "a fork in red", {p}: "at the top left"; ^ marks a capitalised slot.
 SINGLE = (
     "There is {x} {p}.",
     "{P}, there is {x}.",
@@ -51,6 +51,7 @@ DOUBLE = (
 )
 # 3-4 objects in one sentence; {items} = "x1 p1, x2 p2, and x3 p3".
 LIST = ("It contains {items}.", "The scene contains {items}.")
+COMPACT_LIST = "This {adj} scene contains {items}."
 CLOSINGS = (
     "The background shows {bg}.",
     "Behind the objects, there is {bg}.",
@@ -83,8 +84,14 @@ def _cap(s: str) -> str:
 
 
 def object_phrase(o: SceneObject) -> str:
-    """'a red fork', 'an orange umbrella'."""
-    return f"{world.article(o.colour)} {o.colour} {o.category}"
+    """'a fork in red', 'an umbrella in orange'.
+
+    Noun first, colour after: a small decoder names the object from the image and then looks
+    up that object's colour. With "a red fork" it had to pick the colour of an object it had
+    not named yet, and mostly gave the colour of another object in the scene (testbed v0:
+    colour right in 0.47 of teacher-forced slots, 76% of the misses another object's colour).
+    """
+    return f"{world.article(o.category)} {o.category} in {o.colour}"
 
 
 def _fill(template: str, **slots: str) -> str:
@@ -109,8 +116,11 @@ def _one_caption(scene: Scene, rng: np.random.Generator, compact: bool = False) 
     i = 0
     if n >= 3 and (compact or rng.random() < P_LIST):
         items = [f"{object_phrase(o)} {where(o)}" for o in objs]
-        template = LIST[0] if compact else _choice(rng, LIST)
-        parts.append(template.format(items=", ".join(items[:-1]) + ", and " + items[-1]))
+        items = ", ".join(items[:-1]) + ", and " + items[-1]
+        if compact:  # one sentence for the setting and the objects: long scenes stay within 40 words
+            parts = [COMPACT_LIST.format(adj=ctx.adjective, items=items)]
+        else:
+            parts.append(_choice(rng, LIST).format(items=items))
         i = n
     while i < n:
         x, p = object_phrase(objs[i]), where(objs[i])
@@ -194,14 +204,15 @@ def training_corpus(scenes: list[Scene], salt: int = 0, n_questions: int = 4) ->
 _POS_LOOKUP = {p: pos for pos, ps in POSITION_PHRASES.items() for p in ps}
 _POS_RE = re.compile(r"\b(" + "|".join(sorted(map(re.escape, _POS_LOOKUP), key=len, reverse=True)) + r")\b")
 _COLOUR_RE = re.compile(r"\b(" + "|".join(world.COLOUR_NAMES) + r")\s+$")
+_COLOUR_AFTER_RE = re.compile(r"\s+in\s+(" + "|".join(world.COLOUR_NAMES) + r")\b")
 
 
 def parse_caption(text: str) -> list[dict]:
     """Objects described in a caption: [{category, colour, position}] in order of mention.
 
     Lenient, for model output as well as the templates: object words are found with
-    `world.find_mentions` rules; colour is a colour word right before the object word (else
-    None); position is, in a sentence with one object, that sentence's position phrase, and
+    `world.find_mentions` rules; colour is "in <colour>" right after the object word (the
+    testbed's wording) or a colour word right before it ("a red fork"), else None; position is, in a sentence with one object, that sentence's position phrase, and
     otherwise the first position phrase after the object (else None).
     """
     out = []
@@ -209,7 +220,7 @@ def parse_caption(text: str) -> list[dict]:
         objs = world.mention_spans(sentence)
         poss = [(m.start(), _POS_LOOKUP[m.group(1)]) for m in _POS_RE.finditer(sentence)]
         for k, (start, end, cat) in enumerate(objs):
-            cm = _COLOUR_RE.search(sentence[:start])
+            cm = _COLOUR_AFTER_RE.match(sentence, end) or _COLOUR_RE.search(sentence[:start])
             if len(objs) == 1:
                 pos = poss[0][1] if poss else None
             else:
