@@ -1,6 +1,7 @@
 """VHR's cost against plain decoding, measured side by side (issue 5's goals, printed, not asserted).
 
     python bench/overhead.py [--quick] [-m MODEL.gguf ... --mmproj MMPROJ] [--runs 7] [--tokens 64]
+    python bench/overhead.py --7b          # LLaVA-1.5-7B decoder widths, 8 of 32 layers, Q4_0 + Q4_K_M
 
 For each model (default: the bundled testbed F16, Q8_0, Q4_K_M; --quick: F16 only, fewer
 runs): the same image and prompt, a FIXED number of generated tokens (EOS ignored), runs
@@ -11,6 +12,12 @@ per-pair ratios:
   3. first-token cost (image encode + prefill incl. the text-only sequence)
   4. peak RSS, each mode in its own child process   goal <= 1.05
 The last line is one JSON object {"latency_ratio", "decode_ratio", "rss_ratio"} (first model).
+
+--7b: random weights with LLaVA-1.5-7B's decoder shapes (n_embd 4096, 32 heads, n_ff 11008,
+vocab 32000; 8 of the 32 layers, so the "auto" layer set scales to 1, 4..7) in Q4_0 and Q4_K_M,
+and an mmproj that yields 576 image tokens: the text-only prefill, the callback and the
+per-token scaling at real widths and token counts. Written once (~1 min, ~4 GB of RAM) into
+$VHR_EDGE_CACHE or ~/.cache/vhr-edge/bench-7b, never into the repository.
 """
 
 from __future__ import annotations
@@ -49,6 +56,35 @@ def default_models(quick: bool) -> tuple[list[Path], Path]:
     return [text], mmproj
 
 
+def cache_dir() -> Path:
+    return Path(os.environ.get("VHR_EDGE_CACHE", Path.home() / ".cache" / "vhr-edge")) / "bench-7b"
+
+
+def models_7b(threads: int) -> tuple[list[Path], Path]:
+    """The 7B-shaped Q4_0 / Q4_K_M text models and their mmproj, written on first use."""
+    from vhr_edge import fixtures
+
+    d = cache_dir()
+    d.mkdir(parents=True, exist_ok=True)
+    spec = fixtures.llava_7b_shaped(n_layer=8)
+    names = {"Q4_0": d / "llava7b-shaped-8l-q4_0.gguf", "Q4_K_M": d / "llava7b-shaped-8l-q4_k_m.gguf"}
+    mmproj = d / "llava7b-shaped-mmproj.gguf"
+    if not mmproj.is_file():
+        fixtures.write_mmproj(mmproj.with_suffix(".tmp"), spec).rename(mmproj)
+    missing = {k: v for k, v in names.items() if not v.is_file()}
+    if missing:
+        f16 = d / "llava7b-shaped-8l-f16.gguf"
+        t0 = time.time()
+        print(f"writing the 7B-shaped model into {d} (once) ...", flush=True)
+        fixtures.write_text_model(f16, spec)
+        for ftype, path in missing.items():
+            fixtures.quantize(f16, path.with_suffix(".tmp"), ftype, n_threads=max(1, threads or os.cpu_count() or 1))
+            path.with_suffix(".tmp").rename(path)
+        f16.unlink()
+        print(f"  done in {time.time() - t0:.0f} s", flush=True)
+    return list(names.values()), mmproj
+
+
 def one(session, img, vhr: bool, tokens: int) -> dict:
     t0 = time.perf_counter()
     r = session.caption(img, vhr=vhr, n_predict=tokens, ignore_eos=True)
@@ -57,12 +93,12 @@ def one(session, img, vhr: bool, tokens: int) -> dict:
     return {"latency_ms": wall, "decode_tps": t.tokens_per_s, "first_ms": t.image_encode_ms + t.prefill_ms}
 
 
-def child_peak_rss(model: Path, mmproj: Path, mode: str, tokens: int, threads: int) -> float:
-    """Peak RSS (MB) of a fresh process that loads the model and captions 3 times in `mode`."""
+def child_peak_rss(model: Path, mmproj: Path, mode: str, tokens: int, threads: int, captions: int = 3) -> float:
+    """Peak RSS (MB) of a fresh process that loads the model and captions `captions` times in `mode`."""
     code = ("import sys, numpy as np; sys.path.insert(0, %r); from bench.overhead import bench_image; "
             "from vhr_edge import Session; s = Session(%r, %r, n_threads=%d); img = bench_image(); "
-            "[s.caption(img, vhr=%r, n_predict=%d, ignore_eos=True) for _ in range(3)]"
-            % (str(ROOT), str(model), str(mmproj), threads, mode == "vhr", tokens))
+            "[s.caption(img, vhr=%r, n_predict=%d, ignore_eos=True) for _ in range(%d)]"
+            % (str(ROOT), str(model), str(mmproj), threads, mode == "vhr", tokens, captions))
     p = subprocess.Popen([sys.executable, "-c", code])
     _, status, usage = os.wait4(p.pid, 0)
     if os.waitstatus_to_exitcode(status):
@@ -70,7 +106,7 @@ def child_peak_rss(model: Path, mmproj: Path, mode: str, tokens: int, threads: i
     return usage.ru_maxrss / 1024.0
 
 
-def bench_model(model: Path, mmproj: Path, runs: int, tokens: int, threads: int) -> dict:
+def bench_model(model: Path, mmproj: Path, runs: int, tokens: int, threads: int, rss_captions: int = 3) -> dict:
     from vhr_edge import Session
 
     s = Session(model, mmproj, n_threads=threads)
@@ -84,8 +120,8 @@ def bench_model(model: Path, mmproj: Path, runs: int, tokens: int, threads: int)
     s.close()
     med = lambda xs, k: statistics.median(x[k] for x in xs)  # noqa: E731
     pair = lambda k: statistics.median(x[k] / y[k] for x, y in zip(a, b))  # noqa: E731
-    rss_vhr = child_peak_rss(model, mmproj, "vhr", tokens, threads)
-    rss_plain = child_peak_rss(model, mmproj, "plain", tokens, threads)
+    rss_vhr = child_peak_rss(model, mmproj, "vhr", tokens, threads, rss_captions)
+    rss_plain = child_peak_rss(model, mmproj, "plain", tokens, threads, rss_captions)
     return {
         "model": model.name, "runs": runs, "tokens": tokens,
         "vhr": {k: round(med(a, k), 2) for k in ("latency_ms", "decode_tps", "first_ms")},
@@ -106,21 +142,31 @@ def verdict(key: str, value: float) -> str:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="F16 only, 5 runs, 32 tokens (< 3 min)")
+    ap.add_argument("--7b", dest="shaped_7b", action="store_true",
+                    help="the 7B-shaped random models (Q4_0, Q4_K_M); default 5 runs, 16 tokens")
     ap.add_argument("-m", "--model", action="append", type=Path)
     ap.add_argument("--mmproj", type=Path)
     ap.add_argument("--runs", type=int, default=7)
     ap.add_argument("--tokens", type=int, default=64)
     ap.add_argument("-t", "--threads", type=int, default=0)
     a = ap.parse_args()
-    if a.model:
+    rss_captions = 3
+    if a.shaped_7b:
+        models, mmproj = models_7b(a.threads)
+        rss_captions = 1
+    elif a.model:
         models, mmproj = a.model, a.mmproj
     else:
         models, mmproj = default_models(a.quick)
     runs, tokens = (5, 32) if a.quick else (max(5, a.runs), a.tokens)
+    if a.shaped_7b and "--tokens" not in sys.argv:
+        tokens = 16
+    if a.shaped_7b and "--runs" not in sys.argv:
+        runs = 5
     results = []
     print(f"{'model':<24} {'mode':<6} {'latency ms':>11} {'decode tok/s':>13} {'first-token ms':>15} {'peak RSS MB':>12}")
     for m in models:
-        r = bench_model(m, mmproj, runs, tokens, a.threads)
+        r = bench_model(m, mmproj, runs, tokens, a.threads, rss_captions)
         results.append(r)
         for mode in ("vhr", "plain"):
             x = r[mode]

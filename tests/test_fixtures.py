@@ -313,3 +313,32 @@ def test_mismatched_pair_is_rejected(llama, tmp_path):
         assert not ctx, "mtmd accepted an mmproj whose width != n_embd"
     finally:
         lc.llama_model_free(model)
+
+
+def test_streamed_writer_matches_drawn_tensors_and_bigger_vocab(tmp_path, llama):
+    """The writer streams tensors one at a time: the file holds exactly `text_tensors` (also
+    with a padded vocabulary, which is how the 7B-shaped bench model gets its 32000 tokens)."""
+    spec = TinySpec(n_layer=2, vocab_size=1000, seed=3)
+    path = write_text_model(tmp_path / "v.gguf", spec)
+    drawn, stored = fixtures.text_tensors(spec), _tensors(path)
+    assert list(stored) == list(drawn)  # file order = draw order
+    for name, arr in drawn.items():
+        np.testing.assert_array_equal(stored[name], arr)
+    assert _shapes(path)["token_embd.weight"] == (64, 1000)
+    model = _load(llama, path)
+    try:
+        assert llama.llama_vocab_n_tokens(llama.llama_model_get_vocab(model)) == 1000
+    finally:
+        llama.llama_model_free(model)
+    with pytest.raises(ValueError, match="vocab_size 300 is too small"):
+        write_text_model(tmp_path / "small.gguf", TinySpec(vocab_size=300))
+
+
+def test_llava_7b_shapes_without_writing():
+    spec = fixtures.llava_7b_shaped(n_layer=8)
+    shapes = dict(fixtures.text_tensor_shapes(spec))
+    assert shapes["token_embd.weight"] == (32000, 4096)
+    assert shapes["blk.7.ffn_down.weight"] == (4096, 11008)
+    assert shapes["blk.0.attn_output.weight"] == (4096, 4096)
+    assert spec.head_dim == 128 and spec.n_image_tokens == 576
+    assert all(n % 256 == 0 for s in shapes.values() for n in s[-1:])  # K-quants apply to every matrix

@@ -23,10 +23,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 
-__all__ = ["TinySpec", "write_text_model", "write_mmproj", "write_tiny_llava", "quantize"]
+__all__ = ["TinySpec", "llava_7b_shaped", "write_text_model", "write_mmproj", "write_tiny_llava", "quantize"]
 
 VOCAB_SIZE = 512
 UNK_ID, BOS_ID, EOS_ID = 0, 1, 2
@@ -63,6 +64,7 @@ class TinySpec:
     seed: int = 0
     dtype: str = "f32"  # "f32" or "f16" for the 2-D weight matrices of the text model
     projector_type: str = "mlp"  # written as clip.projector_type (others: non-LLaVA test cases)
+    vocab_size: int = VOCAB_SIZE  # the real vocabulary is padded with unused tokens up to this
 
     @property
     def head_dim(self) -> int:
@@ -81,7 +83,16 @@ class TinySpec:
         return (self.image_size // self.patch_size) ** 2
 
 
-def build_vocab() -> tuple[list[str], list[float], list[int]]:
+def llava_7b_shaped(n_layer: int = 8, seed: int = 0) -> TinySpec:
+    """LLaVA-1.5-7B's decoder widths (n_embd 4096, 32 heads, n_ff 11008, vocab 32000) with
+    `n_layer` of its 32 layers, and a 336 px / patch 14 mmproj that yields its 576 image
+    tokens (a narrow random tower: the bench measures the decoder, not CLIP)."""
+    return TinySpec(n_layer=n_layer, n_embd=4096, n_head=32, n_ff=11008, ctx=4096, vision_embd=64,
+                    vision_layers=2, vision_heads=2, vision_ff=128, image_size=336, patch_size=14,
+                    seed=seed, dtype="f16", vocab_size=32000)
+
+
+def build_vocab(vocab_size: int = VOCAB_SIZE) -> tuple[list[str], list[float], list[int]]:
     """SPM vocab: specials, 256 byte-fallback tokens, ASCII chars, "▁word" prefix chains.
 
     llama.cpp's SPM tokenizer only merges adjacent symbols whose concatenation is
@@ -95,12 +106,12 @@ def build_vocab() -> tuple[list[str], list[float], list[int]]:
         full = SPIECE + word
         pieces += [full[:i] for i in range(2, len(full) + 1)]
     pieces = list(dict.fromkeys(pieces))  # dedupe, keep order
-    if len(tokens) + len(pieces) > VOCAB_SIZE:
-        raise AssertionError("WORDS too long for VOCAB_SIZE")
+    if len(tokens) + len(pieces) > vocab_size:
+        raise ValueError(f"vocab_size {vocab_size} is too small for the fixture vocabulary ({len(tokens) + len(pieces)})")
     tokens += pieces
     types += [_NORMAL] * len(pieces)
     scores = [0.0] * 259 + [-float(i) for i in range(len(pieces))]
-    n_pad = VOCAB_SIZE - len(tokens)
+    n_pad = vocab_size - len(tokens)
     tokens += [f"<unused{i}>" for i in range(n_pad)]
     types += [_UNUSED] * n_pad
     scores += [-1e4] * n_pad
@@ -120,28 +131,37 @@ def _bias(rng: np.random.Generator, n: int) -> np.ndarray:
     return 0.02 * rng.standard_normal(n, dtype=np.float32)
 
 
-def text_tensors(spec: TinySpec) -> dict[str, np.ndarray]:
-    """All text-model tensors (float32, numpy order), drawn in a fixed order from one rng."""
+def text_tensor_shapes(spec: TinySpec) -> list[tuple[str, tuple[int, ...]]]:
+    """(name, numpy shape) of every text-model tensor, in file order."""
     if spec.n_embd % spec.n_head or spec.n_head % spec.kv_heads:
         raise ValueError("n_embd must divide by n_head and n_head by n_head_kv")
-    rng = np.random.default_rng([spec.seed, 0])
-    e, kv = spec.n_embd, spec.kv_heads * spec.head_dim
-    t = {"token_embd.weight": rng.standard_normal((VOCAB_SIZE, e), dtype=np.float32)}
+    e, kv, ff = spec.n_embd, spec.kv_heads * spec.head_dim, spec.n_ff
+    out = [("token_embd.weight", (spec.vocab_size, e))]
     for i in range(spec.n_layer):
         p = f"blk.{i}."
-        t[p + "attn_norm.weight"] = _norm(rng, e)
-        t[p + "attn_q.weight"] = _linear(rng, e, e)
-        t[p + "attn_k.weight"] = _linear(rng, kv, e)
-        t[p + "attn_v.weight"] = _linear(rng, kv, e)
-        t[p + "attn_output.weight"] = _linear(rng, e, e)
-        t[p + "ffn_norm.weight"] = _norm(rng, e)
-        t[p + "ffn_gate.weight"] = _linear(rng, spec.n_ff, e)
-        t[p + "ffn_up.weight"] = _linear(rng, spec.n_ff, e)
-        t[p + "ffn_down.weight"] = _linear(rng, e, spec.n_ff)
-    t["output_norm.weight"] = _norm(rng, e)
-    # gain 4: logits have std ~4, so next-token distributions are peaked, not flat
-    t["output.weight"] = _linear(rng, VOCAB_SIZE, e, gain=4.0)
-    return t
+        out += [(p + "attn_norm.weight", (e,)), (p + "attn_q.weight", (e, e)), (p + "attn_k.weight", (kv, e)),
+                (p + "attn_v.weight", (kv, e)), (p + "attn_output.weight", (e, e)), (p + "ffn_norm.weight", (e,)),
+                (p + "ffn_gate.weight", (ff, e)), (p + "ffn_up.weight", (ff, e)), (p + "ffn_down.weight", (e, ff))]
+    return out + [("output_norm.weight", (e,)), ("output.weight", (spec.vocab_size, e))]
+
+
+def iter_text_tensors(spec: TinySpec) -> Iterator[tuple[str, np.ndarray]]:
+    """The text-model tensors (float32, numpy order) one at a time, drawn in file order from
+    one rng, so a 7B-wide model never has to fit in memory at once."""
+    rng = np.random.default_rng([spec.seed, 0])
+    for name, shape in text_tensor_shapes(spec):
+        if name == "token_embd.weight":
+            yield name, rng.standard_normal(shape, dtype=np.float32)
+        elif len(shape) == 1:
+            yield name, _norm(rng, shape[0])
+        else:
+            # output gain 4: logits have std ~4, so next-token distributions are peaked, not flat
+            yield name, _linear(rng, *shape, gain=4.0 if name == "output.weight" else 1.0)
+
+
+def text_tensors(spec: TinySpec) -> dict[str, np.ndarray]:
+    """All text-model tensors (float32, numpy order), drawn in a fixed order from one rng."""
+    return dict(iter_text_tensors(spec))
 
 
 def write_text_model(
@@ -164,24 +184,29 @@ def write_text_model(
 
     if spec.dtype not in ("f32", "f16"):
         raise ValueError(f"dtype must be 'f32' or 'f16', got {spec.dtype!r}")
-    tensors = text_tensors(spec)
     hd = spec.head_dim
-    for layer, (heads, alpha) in (attn_output_scale or {}).items():
+    scale = dict(attn_output_scale or {})
+    for layer, (heads, alpha) in scale.items():
         if not 0 <= layer < spec.n_layer:
             raise ValueError(f"attn_output_scale: layer {layer} out of range")
-        w = tensors[f"blk.{layer}.attn_output.weight"]
         for h in heads:
             if not 0 <= h < spec.n_head:
                 raise ValueError(f"attn_output_scale: head {h} out of range")
-            w[:, h * hd:(h + 1) * hd] *= np.float32(alpha)
 
-    tokens, scores, types = build_vocab()
+    def stored(name: str, arr: np.ndarray) -> np.ndarray:
+        if name.endswith(".attn_output.weight") and int(name.split(".")[1]) in scale:
+            heads, alpha = scale[int(name.split(".")[1])]
+            for h in heads:
+                arr[:, h * hd:(h + 1) * hd] *= np.float32(alpha)
+        return arr.astype(np.float16) if spec.dtype == "f16" and arr.ndim == 2 else arr
+
+    tokens, scores, types = build_vocab(spec.vocab_size)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     w = gguf.GGUFWriter(str(path), "llama")
     w.add_name("vhr-edge tiny llama")
     w.add_file_type(0 if spec.dtype == "f32" else 1)
-    w.add_vocab_size(VOCAB_SIZE)
+    w.add_vocab_size(spec.vocab_size)
     w.add_context_length(spec.ctx)
     w.add_embedding_length(spec.n_embd)
     w.add_block_count(spec.n_layer)
@@ -200,11 +225,15 @@ def write_text_model(
     w.add_eos_token_id(EOS_ID)
     w.add_add_bos_token(True)
     w.add_add_eos_token(False)
-    for name, arr in tensors.items():
-        if spec.dtype == "f16" and arr.ndim == 2:
-            arr = arr.astype(np.float16)
-        w.add_tensor(name, arr)
-    _finish(w)
+    for name, shape in text_tensor_shapes(spec):  # streamed: one tensor in memory at a time
+        dtype = np.dtype(np.float16 if spec.dtype == "f16" and len(shape) == 2 else np.float32)
+        w.add_tensor_info(name, shape, dtype, int(np.prod(shape)) * dtype.itemsize)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_ti_data_to_file()
+    for name, arr in iter_text_tensors(spec):
+        w.write_tensor_data(stored(name, arr))
+    w.close()
     return path
 
 
@@ -307,7 +336,7 @@ def write_tiny_llava(out_dir, spec: TinySpec = TinySpec(), name: str = "tiny") -
             write_mmproj(out_dir / f"{name}-mmproj.gguf", spec))
 
 
-def quantize(src, dst, ftype: str) -> Path:
+def quantize(src, dst, ftype: str, n_threads: int = 1) -> Path:
     """Quantize a text GGUF with llama.cpp (``llama_model_quantize`` via llama-cpp-python).
 
     ``ftype`` is one of ``"Q8_0"``, ``"Q4_0"``, ``"Q4_K_M"``, ``"F16"``.  With the
@@ -325,7 +354,7 @@ def quantize(src, dst, ftype: str) -> Path:
     dst.parent.mkdir(parents=True, exist_ok=True)
     params = llama_cpp.llama_model_quantize_default_params()
     params.ftype = QUANT_FTYPES[ftype]
-    params.nthread = 1
+    params.nthread = n_threads
     rc = llama_cpp.llama_model_quantize(str(src).encode(), str(dst).encode(), ctypes.byref(params))
     if rc != 0:
         raise RuntimeError(f"llama_model_quantize({src} -> {dst}, {ftype}) returned {rc}")
