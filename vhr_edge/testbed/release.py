@@ -51,6 +51,22 @@ def export_models(run: Path, models: Path) -> dict[str, Path]:
     return out
 
 
+def pope_f1(session, n: int, gen) -> dict:
+    """POPE (random / popular / adversarial, greedy, no VHR) on n scenes of each held-out split."""
+    from ..eval.data import TestbedSource
+    from ..eval.run import run_pope, session_answerer
+    from ..session import GenerationConfig, VhrConfig
+
+    answer = session_answerer(session, VhrConfig(enabled=False), GenerationConfig(n_predict=8))
+    out = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for split in ("indist", "counterfactual"):
+            r = run_pope(TestbedSource(split, n, EVAL_SEED), Path(tmp) / split, answer, progress=False)
+            out[split] = {k: {m: round(v, 4) for m, v in r[k].items() if m in ("accuracy", "f1", "yes_ratio")}
+                          for k in r}
+    return out
+
+
 def measure(models: Path, n: int) -> dict:
     from ..session import GenerationConfig, Session, VhrConfig
 
@@ -65,6 +81,7 @@ def measure(models: Path, n: int) -> dict:
             "counterfactual": evaluate(s, "counterfactual", n, gen=gen, vhr=VhrConfig(enabled=False)),
         }
         if label == "F16":
+            row["pope"] = pope_f1(s, n // 2, gen)
             for tag, v in (("vhr_a2", VhrConfig(alpha=2.0)), ("vhr_a3", VhrConfig(alpha=3.0)),
                            ("random_a2", VhrConfig(alpha=2.0, head_mode="random")),
                            ("random_a3", VhrConfig(alpha=3.0, head_mode="random"))):
