@@ -212,7 +212,8 @@ def parse_caption(text: str) -> list[dict]:
 
     Lenient, for model output as well as the templates: object words are found with
     `world.find_mentions` rules; colour is "in <colour>" right after the object word (the
-    testbed's wording) or a colour word right before it ("a red fork"), else None; position is, in a sentence with one object, that sentence's position phrase, and
+    testbed's wording) or a colour word right before it ("a red fork"), else None; position
+    is, in a sentence with one object, that sentence's position phrase, and
     otherwise the first position phrase after the object (else None).
     """
     out = []
