@@ -121,6 +121,13 @@ def render_card(m: dict) -> str:
         if not ok:
             missed.append(f"{split} {key}")
     lines += ["", f"Status: misses {', '.join(missed)}." if missed else "Status: all four targets met."]
+    pope_acc = [r["average"]["accuracy"] for r in f16.get("pope", {}).values()]
+    if pope_acc and max(pope_acc) < 0.6:
+        lines += ["", f"POPE is at chance (accuracy {', '.join(f'{a:.2f}' for a in pope_acc)}): the yes/no answers do",
+                  "not depend on the image. For v1, the training log's answer loss ended at ln(2)/3 per token (chance",
+                  "for \"Yes.\" / \"No.\" + EOS), and on 60 training scenes teacher-forced P(yes) was 0.503 whether or",
+                  "not the object was there. Captions do see the objects: the question-to-image lookup never formed.",
+                  "POPE numbers from this model measure its yes-bias, not hallucination."]
     lines += ["", *HISTORY]
     lines += [
         "",
