@@ -95,6 +95,10 @@ def test_paper_best_none_feasible_and_paper_infeasible():
     rows = [row(PAPER, 2.0, 10, recall=0.5), row("x", 3.0, 12, layers=(0,))]
     d = choose(rows, GREEDY, PAPER, controls={"x": row("x-random", 3.0, 30)})
     assert d.chosen == "x" and not d.kept_paper and "which the paper rule breaks" in d.reason
+    # ... and when it does not beat its control either, it is still chosen over the rule that breaks them
+    d = choose(rows, GREEDY, PAPER, controls={"x": row("x-random", 3.0, 12)})
+    assert d.chosen == "x" and not d.kept_paper and "least harmful" in d.reason
+    assert any("does not beat its random-heads control" in w for w in d.warnings)
 
 
 def test_bootstrap_is_deterministic_and_paired():

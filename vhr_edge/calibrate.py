@@ -201,6 +201,8 @@ def choose(rows: Sequence[dict], greedy: dict, paper_key: str, *, controls: Opti
        CHAIR_S(candidate) - CHAIR_S(paper) is entirely below 0 (waived when the paper rule
        itself breaks the constraints), and the same holds against its random-heads control.
        With that control not run yet, `control_needed` names the candidate.
+    3. When the paper rule breaks the constraints, a candidate that meets them is chosen even
+       if it does not beat its control (with a warning): it is the least harmful setting.
     """
     controls = controls or {}
     by_key = {r["key"]: r for r in rows}
@@ -248,6 +250,11 @@ def choose(rows: Sequence[dict], greedy: dict, paper_key: str, *, controls: Opti
         return finish(cand["key"], f"{cand['key']} beats the paper rule; its random-heads control has not been run yet")
     if not d.candidate_vs_control["beyond_uncertainty"]:
         c_lo, c_hi = d.candidate_vs_control["ci"]
+        if not paper_ok:  # keeping a rule that breaks the constraints would be the worst choice
+            return finish(cand["key"], f"{cand['key']} meets the constraints, which the paper rule breaks; it does "
+                                       f"not beat its random-heads control beyond the uncertainty (difference 95% CI "
+                                       f"[{c_lo:+.3f}, {c_hi:+.3f}] reaches 0): the least harmful setting, not a "
+                                       "proven one")
         return finish(paper_key, f"{cand['key']} does not beat its random-heads control beyond the uncertainty "
                                  f"(difference 95% CI [{c_lo:+.3f}, {c_hi:+.3f}] reaches 0); keeping the paper rule")
     why = (f"beats the paper rule beyond the uncertainty (difference 95% CI [{lo:+.3f}, {hi:+.3f}])" if paper_ok
