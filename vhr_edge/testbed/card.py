@@ -84,6 +84,8 @@ def render_card(m: dict) -> str:
         f"4. projector + decoder on captions ({1 - plan['qa_share']:.0%}) and yes/no questions; "
         f"{plan['joint_steps']} steps x {plan['batch']} ({secs.get('joint', '?')} s). Vision frozen."
         + (" Stages 2-4 under bfloat16 autocast." if plan.get("bf16") else ""),
+        *([f"5. yes/no questions only, loss on the Yes/No token; {plan['qa_steps']} steps x {plan.get('qa_batch', '?')} "
+           f"({secs.get('qa', '?')} s)."] if plan.get("qa_steps") else []),
         "",
         "## Files",
         "",
