@@ -146,8 +146,8 @@ def main() -> None:
                     help="the 7B-shaped random models (Q4_0, Q4_K_M); default 5 runs, 48 tokens")
     ap.add_argument("-m", "--model", action="append", type=Path)
     ap.add_argument("--mmproj", type=Path)
-    ap.add_argument("--runs", type=int, default=7)
-    ap.add_argument("--tokens", type=int, default=64)
+    ap.add_argument("--runs", type=int, help="counted runs per mode (7; --7b: 5; at least 5)")
+    ap.add_argument("--tokens", type=int, help="tokens per caption (64; --7b: 48)")
     ap.add_argument("-t", "--threads", type=int, default=0)
     a = ap.parse_args()
     rss_captions = 3
@@ -158,11 +158,9 @@ def main() -> None:
         models, mmproj = a.model, a.mmproj
     else:
         models, mmproj = default_models(a.quick)
-    runs, tokens = (5, 32) if a.quick else (max(5, a.runs), a.tokens)
-    if a.shaped_7b and "--tokens" not in sys.argv:
-        tokens = 48  # decoding is ~2 s of an ~11 s caption: enough for a stable decode ratio
-    if a.shaped_7b and "--runs" not in sys.argv:
-        runs = 5
+    # --7b: 48 tokens, so decoding is ~2 s of an ~11 s caption: enough for a stable decode ratio
+    runs, tokens = (5, 32) if a.quick else (max(5, a.runs or (5 if a.shaped_7b else 7)),
+                                            a.tokens or (48 if a.shaped_7b else 64))
     results = []
     print(f"{'model':<24} {'mode':<6} {'latency ms':>11} {'decode tok/s':>13} {'first-token ms':>15} {'peak RSS MB':>12}")
     for m in models:

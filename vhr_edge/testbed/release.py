@@ -51,7 +51,7 @@ def export_models(run: Path, models: Path) -> dict[str, Path]:
     return out
 
 
-def pope_f1(session, n: int, gen) -> dict:
+def pope_f1(session, n: int) -> dict:
     """POPE (random / popular / adversarial, greedy, no VHR) on n scenes of each held-out split."""
     from ..eval.data import TestbedSource
     from ..eval.run import run_pope, session_answerer
@@ -81,7 +81,7 @@ def measure(models: Path, n: int) -> dict:
             "counterfactual": evaluate(s, "counterfactual", n, gen=gen, vhr=VhrConfig(enabled=False)),
         }
         if label == "F16":
-            row["pope"] = pope_f1(s, n // 2, gen)
+            row["pope"] = pope_f1(s, n // 2)
             for tag, v in (("vhr_a2", VhrConfig(alpha=2.0)), ("vhr_a3", VhrConfig(alpha=3.0)),
                            ("random_a2", VhrConfig(alpha=2.0, head_mode="random")),
                            ("random_a3", VhrConfig(alpha=3.0, head_mode="random"))):
