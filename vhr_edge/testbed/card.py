@@ -43,6 +43,7 @@ HISTORY = [
 def render_card(m: dict) -> str:
     t = m["train"]
     plan, secs = t["plan"], t.get("seconds", {})
+    all_bf16 = plan.get("bf16") and "qa_share_late" in plan  # before v2 (no stage-5 mix) the vision stage was f32
     f16 = m["F16"]
     vc = t.get("vision_check", {})
     lines = [
@@ -83,9 +84,11 @@ def render_card(m: dict) -> str:
         f"3. projector alone on image-caption pairs; {plan['proj_steps']} steps ({secs.get('proj', '?')} s).",
         f"4. projector + decoder on captions ({1 - plan['qa_share']:.0%}) and yes/no questions; "
         f"{plan['joint_steps']} steps x {plan['batch']} ({secs.get('joint', '?')} s). Vision frozen."
-        + (" Stages 2-4 under bfloat16 autocast." if plan.get("bf16") else ""),
-        *([f"5. yes/no questions only, loss on the Yes/No token; {plan['qa_steps']} steps x {plan.get('qa_batch', '?')} "
-           f"({secs.get('qa', '?')} s)."] if plan.get("qa_steps") else []),
+        + (" Stages 2-4 under bfloat16 autocast." if plan.get("bf16") and not all_bf16 else ""),
+        *([f"5. the same at LR x0.6 with {plan.get('qa_share_late', 0):.0%} yes/no questions; {plan['qa_steps']} steps x "
+           f"{plan['batch']} ({secs.get('qa', '?')} s)."] if plan.get("qa_steps") else []),
+        *(["", "Every stage runs under bfloat16 autocast. A yes/no answer's loss is taken on its Yes/No token only."]
+          if all_bf16 else []),
         "",
         "## Files",
         "",
