@@ -93,10 +93,10 @@ def one(session, img, vhr: bool, tokens: int) -> dict:
     return {"latency_ms": wall, "decode_tps": t.tokens_per_s, "first_ms": t.image_encode_ms + t.prefill_ms}
 
 
-def child_peak_rss(model: Path, mmproj: Path, mode: str, tokens: int, threads: int, captions: int = 3) -> float:
+def child_peak_rss(model: Path, mmproj: Path, mode: str, tokens: int, threads: dict, captions: int = 3) -> float:
     """Peak RSS (MB) of a fresh process that loads the model and captions `captions` times in `mode`."""
     code = ("import sys, numpy as np; sys.path.insert(0, %r); from bench.overhead import bench_image; "
-            "from vhr_edge import Session; s = Session(%r, %r, n_threads=%d); img = bench_image(); "
+            "from vhr_edge import Session; s = Session(%r, %r, **%r); img = bench_image(); "
             "[s.caption(img, vhr=%r, n_predict=%d, ignore_eos=True) for _ in range(%d)]"
             % (str(ROOT), str(model), str(mmproj), threads, mode == "vhr", tokens, captions))
     p = subprocess.Popen([sys.executable, "-c", code])
@@ -106,10 +106,11 @@ def child_peak_rss(model: Path, mmproj: Path, mode: str, tokens: int, threads: i
     return usage.ru_maxrss / 1024.0
 
 
-def bench_model(model: Path, mmproj: Path, runs: int, tokens: int, threads: int, rss_captions: int = 3) -> dict:
+def bench_model(model: Path, mmproj: Path, runs: int, tokens: int, threads: dict, rss_captions: int = 3) -> dict:
+    """threads: Session's n_threads / n_threads_batch."""
     from vhr_edge import Session
 
-    s = Session(model, mmproj, n_threads=threads)
+    s = Session(model, mmproj, **threads)
     img = bench_image()
     one(s, img, True, tokens)  # warm-up: contexts created, caches hot
     one(s, img, False, tokens)
@@ -148,8 +149,10 @@ def main() -> None:
     ap.add_argument("--mmproj", type=Path)
     ap.add_argument("--runs", type=int, help="counted runs per mode (7; --7b: 5; at least 5)")
     ap.add_argument("--tokens", type=int, help="tokens per caption (64; --7b: 48)")
-    ap.add_argument("-t", "--threads", type=int, default=0)
+    ap.add_argument("-t", "--threads", type=int, default=0, help="decode threads (default: all)")
+    ap.add_argument("-tb", "--threads-batch", type=int, default=0, help="prefill / encoder threads (default: as -t)")
     a = ap.parse_args()
+    threads = {"n_threads": a.threads, "n_threads_batch": a.threads_batch}
     rss_captions = 3
     if a.shaped_7b:
         models, mmproj = models_7b(a.threads)
@@ -164,7 +167,7 @@ def main() -> None:
     results = []
     print(f"{'model':<24} {'mode':<6} {'latency ms':>11} {'decode tok/s':>13} {'first-token ms':>15} {'peak RSS MB':>12}")
     for m in models:
-        r = bench_model(m, mmproj, runs, tokens, a.threads, rss_captions)
+        r = bench_model(m, mmproj, runs, tokens, threads, rss_captions)
         results.append(r)
         for mode in ("vhr", "plain"):
             x = r[mode]

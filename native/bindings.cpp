@@ -102,16 +102,19 @@ PYBIND11_MODULE(_engine, m) {
         .def_readonly("n_vocab", &vhr::ModelInfo::n_vocab)
         .def_readonly("n_ctx_train", &vhr::ModelInfo::n_ctx_train)
         .def_readonly("n_ctx", &vhr::ModelInfo::n_ctx)
+        .def_readonly("n_threads", &vhr::ModelInfo::n_threads)
+        .def_readonly("n_threads_batch", &vhr::ModelInfo::n_threads_batch)
         .def_readonly("n_params", &vhr::ModelInfo::n_params)
         .def_readonly("size_bytes", &vhr::ModelInfo::size_bytes);
 
     py::class_<vhr::Runner>(m, "Runner")
         .def(py::init([](const std::string & model, const std::string & mmproj, int n_threads, int n_gpu_layers,
-                         int n_ctx, int flash_attn, bool verbose) {
+                         int n_ctx, int flash_attn, bool verbose, int n_threads_batch) {
                  vhr::RunnerParams p;
                  p.model_path = model;
                  p.mmproj_path = mmproj;
                  p.n_threads = n_threads;
+                 p.n_threads_batch = n_threads_batch;
                  p.n_gpu_layers = n_gpu_layers;
                  p.n_ctx = n_ctx;
                  p.flash_attn = flash_attn;
@@ -120,7 +123,8 @@ PYBIND11_MODULE(_engine, m) {
                  return new vhr::Runner(p);
              }),
              py::arg("model"), py::arg("mmproj"), py::arg("n_threads") = 0, py::arg("n_gpu_layers") = 0,
-             py::arg("n_ctx") = 2048, py::arg("flash_attn") = -1, py::arg("verbose") = false)
+             py::arg("n_ctx") = 2048, py::arg("flash_attn") = -1, py::arg("verbose") = false,
+             py::arg("n_threads_batch") = 0)
         .def("info", &vhr::Runner::info)
         .def("tokenize", &vhr::Runner::tokenize, py::arg("text"))
         .def("pieces", [](const vhr::Runner & self, const std::vector<int32_t> & tokens) {

@@ -145,6 +145,7 @@ struct Runner::Impl {
     int n_threads() const {
         return p.n_threads > 0 ? p.n_threads : (int) std::max(1u, std::thread::hardware_concurrency());
     }
+    int n_threads_batch() const { return p.n_threads_batch > 0 ? p.n_threads_batch : n_threads(); }
 
     llama_context * context_for(bool with_callback, int rows) {
         llama_context *& ctx = with_callback ? ctx_vhr : ctx_plain;
@@ -159,7 +160,8 @@ struct Runner::Impl {
         cp.n_seq_max = with_callback ? 2 : 1;
         cp.kv_unified = true;
         cp.type_k = cp.type_v = GGML_TYPE_F16;
-        cp.n_threads = cp.n_threads_batch = n_threads();
+        cp.n_threads = n_threads();
+        cp.n_threads_batch = n_threads_batch();
         cp.flash_attn_type = p.flash_attn < 0 ? LLAMA_FLASH_ATTN_TYPE_AUTO
                            : p.flash_attn ? LLAMA_FLASH_ATTN_TYPE_ENABLED : LLAMA_FLASH_ATTN_TYPE_DISABLED;
         cp.no_perf = true;
@@ -298,7 +300,7 @@ Runner::Runner(const RunnerParams & params) : impl_(new Impl) {
 
     mtmd_context_params cp = mtmd_context_params_default();
     cp.use_gpu = params.n_gpu_layers != 0;
-    cp.n_threads = m.n_threads();
+    cp.n_threads = m.n_threads_batch();
     cp.print_timings = false;
     cp.warmup = false;
     m.mtmd = mtmd_init_from_file(params.mmproj_path.c_str(), m.model, cp);
@@ -369,6 +371,8 @@ ModelInfo Runner::info() const {
     i.n_vocab = llama_vocab_n_tokens(m.vocab);
     i.n_ctx_train = llama_model_n_ctx_train(m.model);
     i.n_ctx = m.p.n_ctx;
+    i.n_threads = m.n_threads();
+    i.n_threads_batch = m.n_threads_batch();
     i.n_params = llama_model_n_params(m.model);
     i.size_bytes = llama_model_size(m.model);
     return i;

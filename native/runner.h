@@ -25,7 +25,8 @@ class TokenEmbeddings;
 struct RunnerParams {
     std::string model_path;
     std::string mmproj_path;
-    int  n_threads    = 0;     // <= 0: all hardware threads
+    int  n_threads    = 0;     // decoding (one token per step); <= 0: all hardware threads
+    int  n_threads_batch = 0;  // prefill and image encoding; <= 0: as n_threads
     int  n_gpu_layers = 0;     // llama.cpp -ngl; -1 = all
     int  n_ctx        = 2048;  // positions shared by both sequences during the prefill
     int  flash_attn   = -1;    // -1 auto, 0 off, 1 on
@@ -89,6 +90,7 @@ struct ModelInfo {
     std::string arch, desc;
     int n_layer = 0, n_head = 0, n_head_kv = 0, n_embd = 0, head_dim = 0, n_vocab = 0;
     int n_ctx_train = 0, n_ctx = 0;
+    int n_threads = 0, n_threads_batch = 0;  // as resolved (decode; prefill and image encoder)
     uint64_t n_params = 0, size_bytes = 0;
 };
 

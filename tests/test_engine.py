@@ -94,6 +94,19 @@ def test_no_state_leaks_between_images(tiny, session, image_a, image_b):
     np.testing.assert_allclose(a3.first_logits, a1.first_logits, atol=1e-6)
 
 
+def test_separate_decode_and_batch_threads(tiny, session, image_a):
+    # llama.cpp's -t / -tb: one decode thread, two for the prefill and the image encoder.
+    # Every dot product runs on one thread, so the split does not change a single logit.
+    assert (session.info.n_threads, session.info.n_threads_batch) == (2, 2)
+    ref = caption(session, image_a)
+    with Session(*tiny, n_threads=1, n_threads_batch=2) as s:
+        assert (s.info.n_threads, s.info.n_threads_batch) == (1, 2)
+        r = caption(s, image_a)
+    assert r.tokens == ref.tokens
+    np.testing.assert_array_equal(r.first_logits, ref.first_logits)
+    assert r.vhr.selected_heads == ref.vhr.selected_heads
+
+
 def test_result_contents(session, image_a):
     r = session.caption(image_a, n_predict=8)
     assert r.vhr.layers == [1, 4, 5, 6, 7]

@@ -59,7 +59,9 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("model")
     g.add_argument("-m", "--model", help="text model GGUF (default: $VHR_EDGE_MODEL or the bundled testbed)")
     g.add_argument("--mmproj", help="vision projector GGUF (default: $VHR_EDGE_MMPROJ or the one *mmproj*.gguf beside -m)")
-    g.add_argument("-t", "--threads", type=int, default=0, help="CPU threads (default: all)")
+    g.add_argument("-t", "--threads", type=int, default=0, help="CPU threads for decoding (default: all)")
+    g.add_argument("-tb", "--threads-batch", dest="threads_batch", type=int, default=0,
+                   help="CPU threads for the prefill and the image encoder (default: as -t)")
     g.add_argument("-ngl", "--n-gpu-layers", dest="n_gpu_layers", type=int, default=0,
                    help="layers to offload to the GPU (-1 = all; needs a GPU build of llama-cpp-python)")
     g.add_argument("-c", "--ctx-size", dest="ctx_size", type=int, default=2048, help="context size (default 2048)")
@@ -171,7 +173,8 @@ def open_session(args):
         raise ConfigError(f"-c/--ctx-size must be at least 64, got {args.ctx_size}")
     model, mmproj = resolve_models(args)
     fa = {"on": True, "off": False, "auto": None}[args.flash_attn]
-    return Session(model, mmproj, n_threads=args.threads, n_gpu_layers=args.n_gpu_layers,
+    return Session(model, mmproj, n_threads=args.threads, n_threads_batch=args.threads_batch,
+                   n_gpu_layers=args.n_gpu_layers,
                    n_ctx=args.ctx_size, flash_attn=fa, verbose=args.verbose)
 
 

@@ -136,6 +136,7 @@ class Session:
         mmproj: Union[str, os.PathLike],
         *,
         n_threads: int = 0,
+        n_threads_batch: int = 0,
         n_gpu_layers: int = 0,
         n_ctx: int = 2048,
         flash_attn: Optional[bool] = None,
@@ -149,7 +150,7 @@ class Session:
         try:
             self._runner = self._engine.Runner(
                 self.model_path, self.mmproj_path, n_threads=n_threads, n_gpu_layers=n_gpu_layers,
-                n_ctx=n_ctx, flash_attn=fa, verbose=verbose,
+                n_ctx=n_ctx, flash_attn=fa, verbose=verbose, n_threads_batch=n_threads_batch,
             )
         except self._engine.EngineError as e:
             raise ModelError(str(e)) from None
