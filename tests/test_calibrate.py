@@ -12,8 +12,9 @@ from argparse import Namespace
 import pytest
 
 from vhr_edge import fixtures
-from vhr_edge.calibrate import (bootstrap_ci, calibration_source, candidate_layer_sets, check_disjoint, choose,
-                                paired_diff, sweep_settings, violations)
+from vhr_edge.calibrate import calibration_source, check_disjoint
+from vhr_edge.profile_rule import (bootstrap_ci, candidate_layer_sets, choose, paired_diff, sweep_settings,
+                                   violations)
 from vhr_edge.errors import ConfigError
 from vhr_edge.eval import DEFAULT_N, DEFAULT_SEED
 from vhr_edge.eval.data import CocoSource, TestbedSource, write_ids
