@@ -1,9 +1,9 @@
 """vhr-edge VHR vs the PyTorch reference VHR (vhr_edge.oracle) on the same testbed weights.
 
-    python bench/vs_pytorch.py [--runs 5] [--tokens 32] [--threads 2] [-tb N]
+    python bench/vs_pytorch.py [--runs 5] [--tokens 32] [--threads 2] [-tb N] [-m models/testbed-q8_0.gguf]
 
 Same image, same prompt, same number of generated tokens (EOS ignored on both sides), the
-engine on models/testbed-f16.gguf, the reference on models/testbed-hf (f16 weights in float32,
+engine on models/testbed-f16.gguf (or -m: a quantization of the same weights), the reference on models/testbed-hf (f16 weights in float32,
 HF tower + projector for the image rows, o_proj pre-hooks for VHR). Both use `--threads`
 threads (the engine can decode on fewer with -t, keeping -tb for its prefill). Runs alternate after a warm-up; prints medians and the ratio, goal >= 10x faster.
 Needs the oracle extra (torch, transformers).
@@ -30,6 +30,8 @@ def main() -> None:
     ap.add_argument("-t", "--threads", type=int, default=2, help="threads of both sides (the engine's decode threads)")
     ap.add_argument("-tb", "--threads-batch", type=int, default=0,
                     help="the engine's prefill / encoder threads (default: as --threads)")
+    ap.add_argument("-m", "--model", type=Path, default=MODELS / "testbed-f16.gguf",
+                    help="the engine's text GGUF (default: the F16 export of the reference's weights)")
     a = ap.parse_args()
 
     import torch
@@ -45,7 +47,7 @@ def main() -> None:
     lm = LlamaForCausalLM(llava.config.text_config).eval()
     lm.model.load_state_dict(llava.model.language_model.state_dict())
     lm.lm_head.load_state_dict(llava.lm_head.state_dict())
-    session = Session(MODELS / "testbed-f16.gguf", MODELS / "testbed-mmproj-f16.gguf", n_threads=a.threads,
+    session = Session(a.model, MODELS / "testbed-mmproj-f16.gguf", n_threads=a.threads,
                       n_threads_batch=a.threads_batch)
     img = np.asarray(render(make_split("counterfactual", 1, 4321)[0]))
     parts = session._runner.embed_image(img, DEFAULT_PROMPT, session.prompt_template)
@@ -75,8 +77,8 @@ def main() -> None:
     tb = a.threads_batch or a.threads
     print(f"per caption ({a.tokens} tokens, VHR alpha 2, layers {layers}, {a.threads} threads"
           + (f", engine prefill {tb}" if tb != a.threads else "") + "):")
-    print(f"  vhr-edge (llama.cpp, F16 GGUF)   {me * 1000:8.1f} ms")
-    print(f"  PyTorch reference (HF, float32)  {mr * 1000:8.1f} ms")
+    print(f"  {'vhr-edge (llama.cpp, ' + a.model.name + ')':<44} {me * 1000:8.1f} ms")
+    print(f"  {'PyTorch reference (HF, float32)':<44} {mr * 1000:8.1f} ms")
     print(f"  speed-up {ratio:.1f}x  {'PASS' if ratio >= 10 else 'MISS'} (>= 10x)")
     print(json.dumps({"engine_ms": round(me * 1000, 1), "pytorch_ms": round(mr * 1000, 1), "speedup": round(ratio, 2)}))
 
