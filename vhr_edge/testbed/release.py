@@ -23,6 +23,7 @@ from pathlib import Path
 
 from ..export import export_llava
 from ..fixtures import quantize
+from .card import shipped_files
 from .evaluate import EVAL_SEED, evaluate
 
 QUANTS = {"Q8_0": "testbed-q8_0.gguf", "Q4_K_M": "testbed-q4_k_m.gguf"}
@@ -106,8 +107,7 @@ def main(argv=None) -> None:
             shutil.copy(a.run / f, a.models / f)
     metrics = measure(a.models, a.n)
     metrics["train"] = json.loads((a.models / "train_log.json").read_text())
-    metrics["files"] = {str(p.relative_to(a.models)): p.stat().st_size for p in sorted(a.models.rglob("*"))
-                        if p.is_file() and p.name not in ("README.md", "testbed_metrics.json")}
+    metrics["files"] = shipped_files(a.models)
     (a.models / "testbed_metrics.json").write_text(json.dumps(metrics, indent=1))
     print(f"wrote {a.models / 'testbed_metrics.json'}")
 
