@@ -33,6 +33,8 @@ py::dict to_dict(const vhr::Result & r) {
     d["stop_reason"] = r.stop_reason;
     d["layers"] = r.layers;
     d["selected_heads"] = r.selected_heads;
+    d["decode_scaling"] = r.decode_scaling;
+    d["fold_note"] = r.fold_note;
     d["vhd"] = matrix(r.vhd, r.n_layer, r.n_head);
     d["ta"] = matrix(r.ta, r.n_layer, r.n_head);
     d["first_logits"] = py::array_t<float>((py::ssize_t) r.first_logits.size(), r.first_logits.data());
@@ -155,7 +157,7 @@ PYBIND11_MODULE(_engine, m) {
                 bool ignore_eos, bool keep_logits, bool vhr_enabled, float alpha, std::vector<int> layers,
                 bool outlier_rule, std::string head_mode, uint32_t random_seed,
                 std::map<int, std::vector<int>> forced_heads, bool share_prefix, bool trace,
-                std::vector<int32_t> forced_tokens) {
+                std::vector<int32_t> forced_tokens, bool fold_weights) {
                  if (rgb.ndim() != 3 || rgb.shape(2) != 3) throw std::runtime_error("image must be an HxWx3 uint8 array");
                  vhr::GenParams g;
                  g.n_predict = n_predict;
@@ -176,6 +178,7 @@ PYBIND11_MODULE(_engine, m) {
                  v.random_seed = random_seed;
                  v.forced_heads = std::move(forced_heads);
                  v.share_prefix = share_prefix;
+                 v.fold_weights = fold_weights;
                  const vhr::RgbImage img = {rgb.data(), (uint32_t) rgb.shape(1), (uint32_t) rgb.shape(0)};
                  vhr::Result r;
                  {
@@ -190,5 +193,6 @@ PYBIND11_MODULE(_engine, m) {
              py::arg("vhr") = true, py::arg("alpha") = 2.0f, py::arg("layers") = std::vector<int>{},
              py::arg("outlier_rule") = true, py::arg("head_mode") = "vhd", py::arg("random_seed") = 0,
              py::arg("forced_heads") = std::map<int, std::vector<int>>{}, py::arg("share_prefix") = true,
-             py::arg("trace") = false, py::arg("forced_tokens") = std::vector<int32_t>{});
+             py::arg("trace") = false, py::arg("forced_tokens") = std::vector<int32_t>{},
+             py::arg("fold_weights") = true);
 }

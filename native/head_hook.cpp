@@ -13,7 +13,7 @@ bool HeadHook::wants(int layer) const {
     if (layer < 0 || layer >= n_layer) return false;
     const bool trace = tracing && traced[layer];
     if (phase == Phase::prefill) return scored[layer] || trace;
-    if (phase == Phase::decode) return !heads[layer].empty() || trace;
+    if (phase == Phase::decode) return (!heads[layer].empty() && !folded) || trace;
     return false;
 }
 
@@ -51,7 +51,7 @@ void HeadHook::process(ggml_tensor * t, int layer) {
             }
         }
     }
-    if (heads[layer].empty()) return;  // scored only (trace): nothing to write back
+    if (heads[layer].empty() || (phase == Phase::decode && folded)) return;  // nothing to write back
     scale_heads(data, n_cols, n_rows, heads[layer], head_dim, alpha);
     if (!host) ggml_backend_tensor_set(t, data, 0, ggml_nbytes(t));
 }
@@ -71,6 +71,10 @@ int kqv_out_layer(const char * name) {
 
 bool HeadHook::eval_callback(ggml_tensor * t, bool ask, void * user_data) {
     auto * s = static_cast<HeadHook *>(user_data);
+    if (ask && t->op == GGML_OP_MUL_MAT && t->src[1]) {  // W_o x kqv_out-<l>: remember W_o
+        const int l = kqv_out_layer(t->src[1]->name);
+        if (l >= 0 && l < (int) s->w_o.size()) s->w_o[l] = t->src[0];
+    }
     const int layer = kqv_out_layer(t->name);
     const bool wanted = s->error.empty() && s->wants(layer);
     if (ask) return wanted;

@@ -36,6 +36,11 @@ struct HeadHook {
     bool tracing = false;
     std::vector<float> step_vhd;              // n_layer * n_head
     std::string error;                        // set when the callback had to stop the graph
+    // W_o of each layer (the matrix that multiplies kqv_out-<l>), as seen in the graph; and
+    // whether the selected heads are folded into them for this decode (weight_fold.h), in
+    // which case decoding leaves those layers alone.
+    std::vector<ggml_tensor *> w_o;
+    bool folded = false;
 
     bool wants(int layer) const;
     void process(ggml_tensor * t, int layer);

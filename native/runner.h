@@ -47,6 +47,9 @@ struct VhrParams {
     bool share_prefix     = true;
     // Layers listed here use these heads instead of being scored (tests, profiles).
     std::map<int, std::vector<int>> forced_heads;
+    // Decode with the selected heads folded into W_o where that is exact (weight_fold.h);
+    // false: scale them in the callback at every step (results are identical).
+    bool fold_weights = true;
 };
 
 struct GenParams {
@@ -83,6 +86,9 @@ struct Result {
     std::vector<float> vhd, ta;          // n_layer * n_head, row-major; zero rows unscored
     std::vector<float> first_logits;     // when GenParams::keep_logits
     std::vector<float> trace;            // when GenParams::trace: n_tokens * n_layer * n_head VHD
+    // How decoding scaled the heads: "weights" (folded into W_o), "callback", or "" (no VHR);
+    // with "callback", fold_note says why the weights were not folded.
+    std::string decode_scaling, fold_note;
     Timings timings;
 };
 

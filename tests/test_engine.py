@@ -149,6 +149,33 @@ def test_sampling_is_seeded(session, image_a):
     assert a.tokens != c.tokens
 
 
+def test_folded_decode_equals_callback(session, image_a):
+    # Decoding with the selected heads folded into W_o (F32 here) gives the callback's tokens, and
+    # the caption restores W_o bit for bit: a plain prefill afterwards reads every W_o.
+    before = caption(session, image_a, vhr=False)
+    folded = session.caption(image_a, n_predict=32, ignore_eos=True)
+    called = session.caption(image_a, n_predict=32, ignore_eos=True, fold_weights=False)
+    assert (folded.vhr.decode_scaling, folded.vhr.fold_note) == ("weights", "")
+    assert (called.vhr.decode_scaling, called.vhr.fold_note) == ("callback", "folding turned off")
+    assert folded.tokens == called.tokens
+    assert folded.tokens != session.caption(image_a, vhr=False, n_predict=32, ignore_eos=True).tokens
+    after = caption(session, image_a, vhr=False)
+    assert after.tokens == before.tokens and after.vhr.decode_scaling == ""
+    np.testing.assert_array_equal(after.first_logits, before.first_logits)
+    r3 = session.caption(image_a, n_predict=32, ignore_eos=True, alpha=3.0)
+    assert (r3.vhr.decode_scaling, r3.vhr.fold_note) == ("callback", "alpha is not a power of two above 1")
+    assert r3.tokens == session.caption(image_a, n_predict=32, ignore_eos=True, alpha=3.0, fold_weights=False).tokens
+
+
+def test_fold_needs_whole_quant_blocks_per_head(tmp_path_factory, tiny, image_a):
+    # head_dim 16 splits a 32-wide Q8_0 block between two heads: the callback scales instead
+    q = fixtures.quantize(tiny[0], tmp_path_factory.mktemp("q8fold") / "tiny-q8.gguf", "Q8_0")
+    with Session(q, tiny[1], n_threads=2) as s:
+        r = s.caption(image_a, n_predict=16, ignore_eos=True)
+    assert r.vhr.decode_scaling == "callback"
+    assert r.vhr.fold_note == "layer 1: head_dim is not a multiple of the quantization block"
+
+
 @pytest.mark.parametrize("ftype", ["Q8_0", "Q4_0"])
 def test_quantized_models_run(tmp_path_factory, tiny, ftype, image_a):
     text, mmproj = tiny

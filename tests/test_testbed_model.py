@@ -119,3 +119,17 @@ def test_shipped_models_caption_what_they_see():
             hits = sum(score_caption(sc, s.caption(np.asarray(render(sc)), n_predict=96, vhr=False).text).hit
                        for sc in scenes)
         assert hits >= 0.6 * sum(len(sc.objects) for sc in scenes), name
+
+
+def test_folded_decode_on_the_shipped_quantizations():
+    # head_dim 32: one Q8_0 block per head and row, so the fold is exact; Q4_K_M's W_o is a
+    # K-quant (256-wide super-blocks) and falls back to the callback
+    images = scene_images(3, seed=77)
+    for name, scaling in (("testbed-f16.gguf", "weights"), ("testbed-q8_0.gguf", "weights"),
+                          ("testbed-q4_k_m.gguf", "callback")):
+        with Session(MODELS / name, MMPROJ, n_threads=2) as s:
+            for img in images:
+                a = s.caption(img, n_predict=64, ignore_eos=True)
+                b = s.caption(img, n_predict=64, ignore_eos=True, fold_weights=False)
+                assert a.vhr.decode_scaling == scaling, (name, a.vhr.fold_note)
+                assert a.tokens == b.tokens, name

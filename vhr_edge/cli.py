@@ -80,6 +80,9 @@ def _add_vhr_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--random-heads", action="store_true",
                    help="control: reinforce as many heads per layer as VHR would, chosen at random")
     g.add_argument("--no-outlier-rule", action="store_true", help="skip the negative-sensitivity outlier rule")
+    g.add_argument("--no-fold", action="store_true",
+                   help="scale the heads in the graph callback at every decoding step instead of folding them "
+                        "into W_o (same tokens; for benchmarks)")
 
 
 def _add_gen_args(p: argparse.ArgumentParser) -> None:
@@ -215,7 +218,8 @@ def configs(args):
     resolve_vhr(args)
     vhr = VhrConfig(enabled=not args.no_vhr, alpha=args.alpha, layers=args.layers,
                     outlier_rule=not args.no_outlier_rule,
-                    head_mode="random" if args.random_heads else "vhd", random_seed=args.seed)
+                    head_mode="random" if args.random_heads else "vhd", random_seed=args.seed,
+                    fold_weights=not args.no_fold)
     gen = GenerationConfig(n_predict=args.n_predict, temp=args.temp, top_k=args.top_k, top_p=args.top_p,
                            seed=args.seed, ignore_eos=args.ignore_eos)
     return vhr, gen

@@ -40,6 +40,7 @@ class VhrConfig:
     random_seed: int = 0
     forced_heads: Optional[dict[int, list[int]]] = None  # layer -> heads, bypassing VHD
     share_prefix: bool = True  # shared prefix rows carry both sequence ids (False: repeat them; tests)
+    fold_weights: bool = True  # decode with the heads folded into W_o where exact (same results, faster)
 
 
 @dataclass
@@ -73,6 +74,8 @@ class VhrReport:
     selected_heads: dict[int, list[int]]
     vhd: np.ndarray  # n_layer x n_head; zero rows for layers not scored
     ta: np.ndarray  # n_layer x n_head
+    decode_scaling: str = ""  # "weights" (folded into W_o), "callback", or "" without VHR
+    fold_note: str = ""  # with "callback": why the weights were not folded
 
 
 @dataclass
@@ -103,6 +106,7 @@ class CaptionResult:
                 "alpha": v.alpha,
                 "layers": v.layers,
                 "selected_heads": {str(k): list(h) for k, h in v.selected_heads.items()},
+                "decode_scaling": v.decode_scaling,
             },
             "timings": asdict(self.timings),
         }
@@ -211,6 +215,7 @@ class Session:
                     head_mode=vcfg.head_mode, random_seed=vcfg.random_seed,
                     forced_heads={int(k): list(v) for k, v in (vcfg.forced_heads or {}).items()},
                     share_prefix=vcfg.share_prefix, trace=trace, forced_tokens=list(forced_tokens or []),
+                    fold_weights=vcfg.fold_weights,
                 )
             except self._engine.EngineError as e:
                 raise VhrEdgeError(str(e)) from None
@@ -226,6 +231,8 @@ class Session:
                 selected_heads={int(k): list(v) for k, v in raw["selected_heads"].items()},
                 vhd=raw["vhd"],
                 ta=raw["ta"],
+                decode_scaling=raw["decode_scaling"],
+                fold_note=raw["fold_note"],
             ),
             timings=Timings(**raw["timings"], image_load_ms=load_ms),
             first_logits=raw["first_logits"] if keep_logits else None,

@@ -131,7 +131,7 @@ def method_configs(args):
     base.resolve_vhr(args)  # flag > --profile > profile beside the model > alpha 2, layers auto
     vhr = VhrConfig(enabled=not args.no_vhr, alpha=args.alpha, layers=args.layers,
                     outlier_rule=not args.no_outlier_rule, head_mode="random" if args.random_heads else "vhd",
-                    random_seed=0)
+                    random_seed=0, fold_weights=not getattr(args, "no_fold", False))
     gen = GenerationConfig(n_predict=args.max_tokens)
     return vhr, gen
 

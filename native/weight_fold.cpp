@@ -1,0 +1,151 @@
+#include "weight_fold.h"
+
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <memory>
+
+#include "ggml-backend.h"
+#include "gguf.h"
+
+#if defined(__unix__) || defined(__APPLE__)
+#include <fcntl.h>
+#include <sys/mman.h>
+#include <unistd.h>
+#define VHR_HAVE_MMAP 1
+#endif
+
+namespace vhr {
+
+namespace {
+
+constexpr float kF16Max = 65504.0f;
+
+// x * 2^k for an fp16 bit pattern, exactly: move the exponent when the result stays normal,
+// else go through float (subnormals, zero). false if the result would overflow.
+inline bool scale_half(ggml_fp16_t & h, int k) {
+    const int e = (h >> 10) & 0x1f;
+    if (e == 0x1f) return false;  // inf / nan
+    if (e != 0 && e + k >= 1 && e + k <= 30) {
+        h = (ggml_fp16_t) ((int) h + k * 1024);  // the sign bit is untouched: the exponent stays in 1..30
+        return true;
+    }
+    const float v = std::ldexp(ggml_fp16_to_fp32(h), k);
+    if (std::fabs(v) > kF16Max) return false;
+    h = ggml_fp32_to_fp16(v);
+    return true;
+}
+
+bool is_block_type(ggml_type t) { return t == GGML_TYPE_Q8_0 || t == GGML_TYPE_Q4_0; }
+
+// Every fp16 value (F16 weights) or fp16 block scale (Q8_0 / Q4_0: the first 2 bytes of a block)
+// in head h's columns of one row.
+template <typename F>
+void for_each_half(ggml_tensor * w, char * row, int h, int head_dim, F && f) {
+    if (is_block_type(w->type)) {
+        const int64_t bs = ggml_blck_size(w->type);
+        const size_t ts = ggml_type_size(w->type);
+        for (int64_t b = h * head_dim / bs; b < (h + 1) * head_dim / bs; ++b) f(reinterpret_cast<ggml_fp16_t *>(row + b * ts));
+    } else {
+        auto * x = reinterpret_cast<ggml_fp16_t *>(row);
+        for (int64_t i = (int64_t) h * head_dim; i < (int64_t) (h + 1) * head_dim; ++i) f(x + i);
+    }
+}
+
+}  // namespace
+
+bool alpha_foldable(float alpha) {
+    int e = 0;
+    return std::isfinite(alpha) && alpha > 1.0f && std::frexp(alpha, &e) == 0.5f;
+}
+
+std::string fold_blocker(const ggml_tensor * w, int n_head) {
+    if (!w) return "W_o was not seen in the graph";
+    if (w->type != GGML_TYPE_F32 && w->type != GGML_TYPE_F16 && !is_block_type(w->type)) {
+        return std::string("W_o is ") + ggml_type_name(w->type) + " (folds: F32, F16, Q8_0, Q4_0)";
+    }
+    if (n_head <= 0 || w->ne[0] % n_head != 0 || w->ne[2] != 1 || w->ne[3] != 1) return "W_o has an unexpected shape";
+    const int64_t head_dim = w->ne[0] / n_head;
+    if (head_dim % ggml_blck_size(w->type) != 0) return "head_dim is not a multiple of the quantization block";
+    if (!w->buffer || !ggml_backend_buffer_is_host(w->buffer)) return "W_o is in device memory";
+    const std::string buft = ggml_backend_buft_name(ggml_backend_buffer_get_type(w->buffer));
+    if (buft != "CPU" && buft != "CPU_Mapped") return "W_o is in a " + buft + " buffer (a repacked layout)";
+    return "";
+}
+
+bool scale_weight_heads(ggml_tensor * w, const std::vector<int> & heads, int n_head, float alpha, bool inverse) {
+    const int head_dim = (int) (w->ne[0] / n_head);
+    char * base = static_cast<char *>(w->data);
+    if (w->type == GGML_TYPE_F32) {
+        const float f = inverse ? 1.0f / alpha : alpha;
+        for (int64_t r = 0; r < w->ne[1]; ++r) {
+            auto * x = reinterpret_cast<float *>(base + r * w->nb[1]);
+            for (int h : heads) {
+                for (int64_t i = (int64_t) h * head_dim; i < (int64_t) (h + 1) * head_dim; ++i) x[i] *= f;
+            }
+        }
+        return true;
+    }
+    int k = 0;
+    std::frexp(alpha, &k);
+    k -= 1;  // alpha = 2^k
+    if (inverse) k = -k;
+    if (!inverse) {  // an fp16 value that would overflow cannot be folded exactly: check first
+        bool ok = true;
+        for (int64_t r = 0; r < w->ne[1] && ok; ++r) {
+            for (int h : heads) {
+                for_each_half(w, base + r * w->nb[1], h, head_dim, [&](ggml_fp16_t * v) {
+                    ggml_fp16_t t = *v;
+                    ok = ok && scale_half(t, k);
+                });
+            }
+        }
+        if (!ok) return false;
+    }
+    for (int64_t r = 0; r < w->ne[1]; ++r) {
+        for (int h : heads) {
+            for_each_half(w, base + r * w->nb[1], h, head_dim, [&](ggml_fp16_t * v) { scale_half(*v, k); });
+        }
+    }
+    return true;
+}
+
+std::string make_private(const ggml_tensor * w, const std::string & gguf_path) {
+#ifndef VHR_HAVE_MMAP
+    (void) w;
+    (void) gguf_path;
+    return "remapping weights is not supported on this platform";
+#else
+    gguf_init_params gp = {/*no_alloc =*/ true, /*ctx =*/ nullptr};
+    std::unique_ptr<gguf_context, decltype(&gguf_free)> g(gguf_init_from_file(gguf_path.c_str(), gp), gguf_free);
+    if (!g) return "cannot read " + gguf_path;
+    const int64_t id = gguf_find_tensor(g.get(), w->name);
+    if (id < 0) return std::string(w->name) + " is not in " + gguf_path;
+    const size_t file_off = gguf_get_data_offset(g.get()) + gguf_get_tensor_offset(g.get(), id);
+
+    const size_t page = (size_t) sysconf(_SC_PAGESIZE);
+    const uintptr_t addr = reinterpret_cast<uintptr_t>(w->data);
+    const uintptr_t lo = addr & ~(uintptr_t) (page - 1);
+    const uintptr_t hi = (addr + ggml_nbytes(w) + page - 1) & ~(uintptr_t) (page - 1);
+    const size_t delta = addr - lo, len = hi - lo;
+    if (file_off < delta || (file_off - delta) % page != 0) return "W_o is not mapped page-aligned from the file";
+    const off_t off_lo = (off_t) (file_off - delta);
+
+    const int fd = open(gguf_path.c_str(), O_RDONLY);
+    if (fd < 0) return "cannot open " + gguf_path;
+    std::string why;
+    std::vector<char> file_bytes(len);
+    if (pread(fd, file_bytes.data(), len, off_lo) != (ssize_t) len) {
+        why = "W_o's pages reach past the end of the file";
+    } else if (std::memcmp(file_bytes.data(), reinterpret_cast<const void *>(lo), len) != 0) {
+        why = "W_o's pages in memory differ from the file";  // not a plain mapping of it: leave them alone
+    } else if (mmap(reinterpret_cast<void *>(lo), len, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_FIXED, fd, off_lo) ==
+               MAP_FAILED) {
+        why = std::string("mmap failed: ") + std::strerror(errno);
+    }
+    close(fd);
+    return why;
+#endif
+}
+
+}  // namespace vhr

@@ -1,0 +1,36 @@
+// weight_fold: VHR's decode-time head scaling moved into W_o (VHR_SPEC 5), where that is exact.
+//
+// Multiplying head h's slice of kqv_out by alpha before W_o gives the same product as multiplying
+// W_o's columns of head h by alpha. For alpha a power of two (> 1) the folded weights are exact:
+// F32 / F16 values, or the fp16 scale of each 32-wide Q8_0 / Q4_0 block (head_dim a multiple of
+// 32). Decoding then needs no callback on those layers, so llama.cpp computes each token's graph
+// in one piece instead of splitting it at every scaled layer. K-quants (256-wide super-blocks),
+// repacked CPU layouts and device buffers are not folded: the callback scales them as before.
+//
+// llama.cpp maps the GGUF read-only and shared; before its first fold a W_o tensor's pages are
+// remapped private (copy-on-write) from the same file, after checking that memory and file hold
+// the same bytes there. Unfolding divides by alpha, which restores every bit.
+#pragma once
+
+#include <string>
+#include <vector>
+
+#include "ggml.h"
+
+namespace vhr {
+
+// alpha is a power of two greater than 1.
+bool alpha_foldable(float alpha);
+
+// Why w (a W_o of n_head heads) cannot be folded, or "" if it can.
+std::string fold_blocker(const ggml_tensor * w, int n_head);
+
+// Multiply (or, with inverse, divide) the columns of `heads` in every row of w by alpha.
+// Returns false, changing nothing, if a value would overflow.
+bool scale_weight_heads(ggml_tensor * w, const std::vector<int> & heads, int n_head, float alpha, bool inverse);
+
+// Make w's bytes writable without touching the file: remap its pages MAP_PRIVATE from the GGUF.
+// Returns "" on success (or if they already are private), else why not.
+std::string make_private(const ggml_tensor * w, const std::string & gguf_path);
+
+}  // namespace vhr
