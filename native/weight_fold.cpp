@@ -67,9 +67,11 @@ std::string fold_blocker(const ggml_tensor * w, int n_head) {
     if (n_head <= 0 || w->ne[0] % n_head != 0 || w->ne[2] != 1 || w->ne[3] != 1) return "W_o has an unexpected shape";
     const int64_t head_dim = w->ne[0] / n_head;
     if (head_dim % ggml_blck_size(w->type) != 0) return "head_dim is not a multiple of the quantization block";
-    if (!w->buffer || !ggml_backend_buffer_is_host(w->buffer)) return "W_o is in device memory";
+    if (!w->buffer) return "W_o has no buffer";
     const std::string buft = ggml_backend_buft_name(ggml_backend_buffer_get_type(w->buffer));
-    if (buft != "CPU" && buft != "CPU_Mapped") return "W_o is in a " + buft + " buffer (a repacked layout)";
+    if ((buft != "CPU" && buft != "CPU_Mapped") || !ggml_backend_buffer_is_host(w->buffer)) {
+        return "W_o is in a " + buft + " buffer (device memory or a repacked CPU layout)";
+    }
     return "";
 }
 
