@@ -1,5 +1,6 @@
 #include "weight_fold.h"
 
+#include <cerrno>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
