@@ -137,45 +137,6 @@ struct Runner::Impl {
     std::mutex busy;
     std::set<const ggml_tensor *> private_w_o;  // W_o tensors already remapped copy-on-write
 
-    // The selected heads of this caption, folded into W_o for its decode; unfolded (exactly)
-    // when the caption ends, however it ends.
-    struct Fold {
-        Impl & m;
-        std::vector<std::pair<ggml_tensor *, std::vector<int>>> done;
-        explicit Fold(Impl & impl) : m(impl) {}
-        ~Fold() { undo(); }
-        void undo() {
-            for (auto & d : done) scale_weight_heads(d.first, d.second, m.n_head, m.hook.alpha, /*inverse =*/ true);
-            done.clear();
-            m.hook.folded = false;
-        }
-    };
-
-    // "" when every layer with selected heads is folded, else why none is.
-    std::string fold_selected_heads(Fold & f) {
-        if (!alpha_foldable(hook.alpha)) return "alpha is not a power of two above 1";
-        for (int l = 0; l < n_layer; ++l) {
-            if (hook.heads[l].empty()) continue;
-            ggml_tensor * w = hook.w_o[l];
-            std::string why = fold_blocker(w, n_head);
-            if (why.empty() && !private_w_o.count(w)) {
-                why = make_private(w, p.model_path);
-                if (why.empty()) private_w_o.insert(w);
-            }
-            if (!why.empty()) return "layer " + std::to_string(l) + ": " + why;
-        }
-        for (int l = 0; l < n_layer; ++l) {
-            if (hook.heads[l].empty()) continue;
-            if (!scale_weight_heads(hook.w_o[l], hook.heads[l], n_head, hook.alpha, false)) {
-                f.undo();
-                return "layer " + std::to_string(l) + ": a folded weight would overflow fp16";
-            }
-            f.done.emplace_back(hook.w_o[l], hook.heads[l]);
-        }
-        hook.folded = true;
-        return "";
-    }
-
     ~Impl() {
         if (ctx_vhr) llama_free(ctx_vhr);
         if (ctx_plain) llama_free(ctx_plain);
@@ -510,12 +471,16 @@ Result Runner::caption(const RgbImage & image, const std::string & prompt,
     llama_token tok = next_token((int32_t) col_img);
     if (two && !gen.trace) llama_memory_seq_rm(llama_get_memory(ctx), 1, -1, -1);
     if (two) m.hook.phase = HeadHook::Phase::decode;
-    Impl::Fold fold(m);
+    HeadFold fold;  // unfolds W_o when the caption ends, however it ends
     if (vhr.enabled) {
         r.decode_scaling = "callback";
         if (gen.trace) r.fold_note = "tracing reads every layer at every step";
         else if (!vhr.fold_weights) r.fold_note = "folding turned off";
-        else if ((r.fold_note = m.fold_selected_heads(fold)).empty()) r.decode_scaling = "weights";
+        else if ((r.fold_note = fold.apply(m.hook.w_o, m.hook.heads, m.n_head, m.hook.alpha, m.p.model_path,
+                                           m.private_w_o)).empty()) {
+            m.hook.folded = true;  // decoding leaves the folded layers alone
+            r.decode_scaling = "weights";
+        }
     }
     r.timings.prefill_ms = ms_since(t0);
 

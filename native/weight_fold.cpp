@@ -151,4 +151,37 @@ std::string make_private(const ggml_tensor * w, const std::string & gguf_path) {
 #endif
 }
 
+std::string HeadFold::apply(const std::vector<ggml_tensor *> & w_o, const std::vector<std::vector<int>> & heads,
+                            int n_head, float alpha, const std::string & gguf_path,
+                            std::set<const ggml_tensor *> & made_private) {
+    undo();
+    if (!alpha_foldable(alpha)) return "alpha is not a power of two above 1";
+    for (size_t l = 0; l < heads.size(); ++l) {
+        if (heads[l].empty()) continue;
+        ggml_tensor * w = l < w_o.size() ? w_o[l] : nullptr;
+        std::string why = fold_blocker(w, n_head);
+        if (why.empty() && !made_private.count(w)) {
+            why = make_private(w, gguf_path);
+            if (why.empty()) made_private.insert(w);
+        }
+        if (!why.empty()) return "layer " + std::to_string(l) + ": " + why;
+    }
+    n_head_ = n_head;
+    alpha_ = alpha;
+    for (size_t l = 0; l < heads.size(); ++l) {
+        if (heads[l].empty()) continue;
+        if (!scale_weight_heads(w_o[l], heads[l], n_head, alpha, /*inverse =*/ false)) {
+            undo();
+            return "layer " + std::to_string(l) + ": a folded weight would overflow fp16";
+        }
+        done_.emplace_back(w_o[l], heads[l]);
+    }
+    return "";
+}
+
+void HeadFold::undo() {
+    for (auto & d : done_) scale_weight_heads(d.first, d.second, n_head_, alpha_, /*inverse =*/ true);
+    done_.clear();
+}
+
 }  // namespace vhr

@@ -12,7 +12,9 @@
 // the same bytes there. Unfolding divides by alpha, which restores every bit.
 #pragma once
 
+#include <set>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "ggml.h"
@@ -32,5 +34,25 @@ bool scale_weight_heads(ggml_tensor * w, const std::vector<int> & heads, int n_h
 // Make w's bytes writable without touching the file: remap its pages MAP_PRIVATE from the GGUF.
 // Returns "" on success (or if they already are private), else why not.
 std::string make_private(const ggml_tensor * w, const std::string & gguf_path);
+
+// One caption's selected heads folded into W_o; unfolded exactly when destroyed (or undo()).
+class HeadFold {
+public:
+    HeadFold() = default;
+    HeadFold(const HeadFold &) = delete;
+    HeadFold & operator=(const HeadFold &) = delete;
+    ~HeadFold() { undo(); }
+
+    // Fold heads[l] into w_o[l] for every layer with heads. "" on success; else why, with
+    // nothing folded. `made_private` remembers the W_o already remapped by make_private.
+    std::string apply(const std::vector<ggml_tensor *> & w_o, const std::vector<std::vector<int>> & heads, int n_head,
+                      float alpha, const std::string & gguf_path, std::set<const ggml_tensor *> & made_private);
+    void undo();
+
+private:
+    std::vector<std::pair<ggml_tensor *, std::vector<int>>> done_;
+    int n_head_ = 0;
+    float alpha_ = 1.0f;
+};
 
 }  // namespace vhr
