@@ -71,7 +71,7 @@ int kqv_out_layer(const char * name) {
 
 bool HeadHook::eval_callback(ggml_tensor * t, bool ask, void * user_data) {
     auto * s = static_cast<HeadHook *>(user_data);
-    if (ask && t->op == GGML_OP_MUL_MAT && t->src[1]) {  // W_o x kqv_out-<l>: remember W_o
+    if (ask && s->phase == Phase::prefill && t->op == GGML_OP_MUL_MAT && t->src[1]) {  // W_o x kqv_out-<l>
         const int l = kqv_out_layer(t->src[1]->name);
         if (l >= 0 && l < (int) s->w_o.size()) s->w_o[l] = t->src[0];
     }

@@ -31,8 +31,8 @@ std::string fold_blocker(const ggml_tensor * w, int n_head);
 // Returns false, changing nothing, if a value would overflow.
 bool scale_weight_heads(ggml_tensor * w, const std::vector<int> & heads, int n_head, float alpha, bool inverse);
 
-// Make w's bytes writable without touching the file: remap its pages MAP_PRIVATE from the GGUF.
-// Returns "" on success (or if they already are private), else why not.
+// Make w's bytes writable without touching the file: remap its pages MAP_PRIVATE from the GGUF
+// (once per tensor: HeadFold::apply remembers which are done). Returns "" on success, else why not.
 std::string make_private(const ggml_tensor * w, const std::string & gguf_path);
 
 // One caption's selected heads folded into W_o; unfolded exactly when destroyed (or undo()).
