@@ -2,6 +2,10 @@
 
     python -m vhr_edge.testbed.evaluate -m MODEL.gguf --mmproj MMPROJ.gguf --split counterfactual -n 200
         [--seed 1000] [--no-vhr | --alpha A] [--random-heads] [--out DIR]
+    python -m vhr_edge.testbed.evaluate --hf RUN_DIR [--device cuda] ...   # a training run, before export
+
+`--hf` scores greedy captions of a training run's HF checkpoint (RUN_DIR/hf, RUN_DIR/tokenizer.model)
+with transformers, batched, without VHR: for comparing training recipes on any torch device.
 
 Per split, over greedy captions of "Please describe this image in detail." (exact ground truth):
 - recall          mentioned ground-truth objects / ground-truth objects
@@ -105,12 +109,49 @@ def evaluate(session, split: str, n: int, seed: int = EVAL_SEED, *, vhr=None, ge
     return summarize(scores)
 
 
+def hf_captions(run_dir: Path, scenes: list[Scene], *, device: str = "cpu", max_tokens: int = 96,
+                batch: int = 200) -> list[str]:
+    """Greedy detailed captions of `scenes` by a training run's HF checkpoint (float32, KV cache)."""
+    import torch
+    from transformers import LlavaForConditionalGeneration
+
+    from .model import image_features, image_tensor, language_model
+    from .tokenizer import Tokenizer
+
+    tok = Tokenizer(Path(run_dir) / "tokenizer.model")
+    model = LlavaForConditionalGeneration.from_pretrained(Path(run_dir) / "hf", dtype=torch.float32).to(device).eval()
+    body, head = language_model(model)
+    prefix, suffix = (torch.tensor(t, device=device) for t in tok.prompt_parts())
+    texts = []
+    with torch.no_grad():
+        for i in range(0, len(scenes), batch):
+            px = image_tensor(np.stack([np.asarray(render(s)) for s in scenes[i:i + batch]])).to(device)
+            img = image_features(model, px)
+            B = img.shape[0]
+            x = torch.cat([body.embed_tokens(prefix).expand(B, -1, -1), img,
+                           body.embed_tokens(suffix).expand(B, -1, -1)], dim=1)
+            out = body(inputs_embeds=x, use_cache=True)
+            nxt = head(out.last_hidden_state[:, -1]).argmax(-1)
+            done, ids = nxt == tok.eos, [nxt]
+            while len(ids) < max_tokens and not bool(done.all()):
+                out = body(inputs_embeds=body.embed_tokens(nxt[:, None]), past_key_values=out.past_key_values,
+                           use_cache=True)
+                nxt = torch.where(done, tok.eos, head(out.last_hidden_state[:, -1]).argmax(-1))
+                done |= nxt == tok.eos
+                ids.append(nxt)
+            for row in torch.stack(ids, 1).tolist():
+                texts.append(tok.decode(row[: row.index(tok.eos)] if tok.eos in row else row))
+    return texts
+
+
 def main(argv=None) -> None:
     from ..session import GenerationConfig, Session, VhrConfig
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("-m", "--model", required=True)
-    ap.add_argument("--mmproj", required=True)
+    ap.add_argument("-m", "--model")
+    ap.add_argument("--mmproj")
+    ap.add_argument("--hf", type=Path, metavar="RUN_DIR", help="score a training run's HF checkpoint instead (no VHR)")
+    ap.add_argument("--device", default="cpu", help="torch device for --hf (default %(default)s)")
     ap.add_argument("--split", default="counterfactual", choices=["indist", "counterfactual", "train", "unbiased"])
     ap.add_argument("-n", type=int, default=200)
     ap.add_argument("--seed", type=int, default=EVAL_SEED)
@@ -121,6 +162,13 @@ def main(argv=None) -> None:
     ap.add_argument("--max-tokens", type=int, default=96)
     ap.add_argument("--out", type=Path)
     a = ap.parse_args(argv)
+    if a.hf:
+        scenes = make_split(a.split, a.n, a.seed)
+        texts = hf_captions(a.hf, scenes, device=a.device, max_tokens=a.max_tokens)
+        print(json.dumps({"split": a.split, **summarize([score_caption(s, t) for s, t in zip(scenes, texts)])}))
+        return
+    if not (a.model and a.mmproj):
+        ap.error("-m/--model and --mmproj are required (or --hf RUN_DIR)")
     s = Session(a.model, a.mmproj)
     vhr = VhrConfig(enabled=not a.no_vhr, alpha=a.alpha, layers=a.layers, head_mode="random" if a.random_heads else "vhd")
     jsonl = None

@@ -7,7 +7,7 @@
 4. joint   - projector + decoder on captions and yes/no questions (vision frozen)
 5. qa      - captions + 60% yes/no questions (loss on the Yes/No token), lower LR
 
-    python -m vhr_edge.testbed.train --out runs/testbed [--seed 0] [--scale 1.0]
+    python -m vhr_edge.testbed.train --out runs/testbed [--seed 0] [--scale 1.0] [--device cpu|cuda]
 
 Writes OUT/hf (HF checkpoint, safetensors), OUT/tokenizer.model, OUT/train_log.json and
 OUT/loss_curves.png. Fixed seed -> same data, same initialisation, same batches.
@@ -51,6 +51,9 @@ class Plan:
     qa_share: float = 0.3
     qa_steps: int = 600  # 5. captions + more yes/no questions (qa_share_late), at a lower LR
     qa_share_late: float = 0.6
+    # 4./5.: share of batches drawn from the UNBIASED scenes (objects uniform, pairs at chance), the stand-in
+    # for the atypical images in LLaVA's instruction data; the rest stays habit-laden
+    unbiased_share: float = 0.0
     bf16: bool = True  # autocast every stage (avx512_bf16 CPUs: 1.4-1.7x faster per step; v1's vision stage was f32)
 
     def scaled(self, s: float) -> "Plan":
@@ -90,13 +93,14 @@ def cosine_lr(step: int, total: int, peak: float, warmup: int = 50) -> float:
     return peak * 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warmup) / max(1, total - warmup))))
 
 
-def run_steps(name, params, steps, peak_lr, loss_fn, log, every=25, weight_decay=0.01, warmup=50, bf16=False):
+def run_steps(name, params, steps, peak_lr, loss_fn, log, every=25, weight_decay=0.01, warmup=50, bf16=False,
+              device="cpu"):
     opt = torch.optim.AdamW([p for p in params if p.requires_grad], lr=peak_lr, weight_decay=weight_decay)
     t0, acc = time.time(), []
     for step in range(steps):
         for g in opt.param_groups:
             g["lr"] = cosine_lr(step, steps, peak_lr, warmup)
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+        with torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=bf16):
             loss = loss_fn(step)
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -116,6 +120,9 @@ def main(argv=None) -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--scale", type=float, default=1.0, help="multiply every stage's steps (0.02 = smoke test)")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--device", default="cpu", help="torch device to train on (cpu, cuda); default %(default)s")
+    ap.add_argument("--unbiased-share", type=float, default=Plan.unbiased_share,
+                    help="stages 4-5: share of batches from unbiased scenes (default %(default)s)")
     ap.add_argument("--no-bf16", action="store_true", help="train in float32 (CPUs without avx512_bf16)")
     ap.add_argument("--qa-steps", type=int, default=Plan.qa_steps,
                     help="stage 5: steps of captions mixed with 60%% yes/no questions (default %(default)s; 0 = skip)")
@@ -123,10 +130,11 @@ def main(argv=None) -> None:
 
     torch.set_num_threads(a.threads)
     torch.manual_seed(a.seed)
-    plan = Plan(seed=a.seed, bf16=not a.no_bf16, qa_steps=a.qa_steps).scaled(a.scale)
+    plan = Plan(seed=a.seed, bf16=not a.no_bf16, qa_steps=a.qa_steps, unbiased_share=a.unbiased_share).scaled(a.scale)
+    dev = torch.device(a.device)
     out = a.out
     out.mkdir(parents=True, exist_ok=True)
-    log: dict = {"plan": asdict(plan)}
+    log: dict = {"plan": asdict(plan), "device": str(dev)}
     t_start = time.time()
     rng = np.random.default_rng(a.seed)
 
@@ -137,34 +145,35 @@ def main(argv=None) -> None:
     images = {k: render_all(v) for k, v in data.items()}
     labels = vision_labels(data["unbiased"])
     caps, qas = examples(data["train"], tok)
+    caps_u, qas_u = examples(data["unbiased"], tok) if plan.unbiased_share > 0 else ([], [])
     prefix, _ = tok.prompt_parts()
     print(f"data: {len(data['unbiased'])} unbiased + {len(data['train'])} train scenes, vocab {tok.vocab_size}, "
           f"{len(caps)} captions, {len(qas)} questions ({time.time() - t_start:.0f}s)", flush=True)
 
-    model = build_model(cfg, seed=a.seed)
+    model = build_model(cfg, seed=a.seed).to(dev)
     vt = model.model.vision_tower
     proj = model.model.multi_modal_projector
     lm, head = language_model(model)
     emb = lm.embed_tokens
 
     # ---- 1. vision on unbiased scenes
-    heads = VisionHeads(cfg.vision_width)
+    heads = VisionHeads(cfg.vision_width).to(dev)
     x_unb = images["unbiased"]
     lab = labels
 
     def vision_loss(step):
         idx = rng.integers(0, len(x_unb), plan.vision_batch)
-        feats = vt(image_tensor(x_unb[idx]), output_hidden_states=True).hidden_states[-2]
+        feats = vt(image_tensor(x_unb[idx]).to(dev), output_hidden_states=True).hidden_states[-2]
         pres, col, pos = heads(feats)
-        p = torch.from_numpy(lab.present[idx])
-        c = torch.from_numpy(lab.colour[idx])
-        q = torch.from_numpy(lab.position[idx])
+        p = torch.from_numpy(lab.present[idx]).to(dev)
+        c = torch.from_numpy(lab.colour[idx]).to(dev)
+        q = torch.from_numpy(lab.position[idx]).to(dev)
         m = c >= 0
         return (F.binary_cross_entropy_with_logits(pres, p) * 4
                 + F.cross_entropy(col[m], c[m]) + F.cross_entropy(pos[m], q[m]))
 
     run_steps("vision", list(vt.parameters()) + list(heads.parameters()), plan.vision_steps, 1.5e-3, vision_loss, log,
-              warmup=100, bf16=plan.bf16)
+              warmup=100, bf16=plan.bf16, device=dev)
     log["vision_check"] = vision_check(vt, heads, plan.seed)
     print("vision check (counterfactual):", log["vision_check"], flush=True)
     for p in vt.parameters():
@@ -175,34 +184,39 @@ def main(argv=None) -> None:
     def lm_loss(step):
         batch = [caps[int(i)] for i in rng.integers(0, len(caps), plan.lm_batch)]
         ids, mask = pad_batch([[tok.bos] + e.answer for e in batch])
-        ids_t, mask_t = torch.from_numpy(ids), torch.from_numpy(mask)
+        ids_t, mask_t = torch.from_numpy(ids).to(dev), torch.from_numpy(mask).to(dev)
         labels_t = ids_t.masked_fill(mask_t == 0, -100)
         h = lm(input_ids=ids_t, attention_mask=mask_t).last_hidden_state
         logits = head(h[:, :-1]).float()
         return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels_t[:, 1:].reshape(-1), ignore_index=-100)
 
-    run_steps("lm", list(lm.parameters()) + list(head.parameters()), plan.lm_steps, 1e-3, lm_loss, log, bf16=plan.bf16)
+    run_steps("lm", list(lm.parameters()) + list(head.parameters()), plan.lm_steps, 1e-3, lm_loss, log, bf16=plan.bf16,
+              device=dev)
 
-    # ---- vision features of the train scenes, once (the tower is frozen from here on)
-    with torch.no_grad():
-        feats = np.concatenate([
-            vt(image_tensor(images["train"][i:i + 256]), output_hidden_states=True).hidden_states[-2].half().numpy()
-            for i in range(0, len(images["train"]), 256)])
+    # ---- vision features of the train (and unbiased) scenes, once (the tower is frozen from here on)
+    def tower_features(x: np.ndarray) -> torch.Tensor:
+        with torch.no_grad():
+            return torch.cat([vt(image_tensor(x[i:i + 256]).to(dev), output_hidden_states=True).hidden_states[-2].half()
+                              for i in range(0, len(x), 256)])
+
+    feats = tower_features(images["train"])
+    feats_u = tower_features(images["unbiased"]) if plan.unbiased_share > 0 else None
 
     qa_losses: list[float] = []
 
     def mm_loss(step, qa_share: float = plan.qa_share):
         is_qa = rng.random() < qa_share
-        pool = qas if is_qa else caps
+        unbiased = plan.unbiased_share > 0 and rng.random() < plan.unbiased_share
+        pool = (qas_u if is_qa else caps_u) if unbiased else (qas if is_qa else caps)
         batch = [pool[int(i)] for i in rng.integers(0, len(pool), plan.batch)]
-        img = proj(torch.from_numpy(feats[[e.scene for e in batch]]).float())  # B x 64 x E
+        img = proj((feats_u if unbiased else feats)[[e.scene for e in batch]].float())  # B x 64 x E
         tails = [e.prompt + e.answer for e in batch]
         ids, mask = pad_batch(tails)
-        ids_t, mask_t = torch.from_numpy(ids), torch.from_numpy(mask)
+        ids_t, mask_t = torch.from_numpy(ids).to(dev), torch.from_numpy(mask).to(dev)
         B, P, I = len(batch), len(prefix), img.shape[1]
-        pre = emb(torch.tensor(prefix)).unsqueeze(0).expand(B, -1, -1)
+        pre = emb(torch.tensor(prefix, device=dev)).unsqueeze(0).expand(B, -1, -1)
         x = torch.cat([pre, img, emb(ids_t)], dim=1)
-        att = torch.cat([torch.ones(B, P + I, dtype=torch.long), mask_t], dim=1)
+        att = torch.cat([torch.ones(B, P + I, dtype=torch.long, device=dev), mask_t], dim=1)
         labels_t = torch.full((B, P + I + ids.shape[1]), -100, dtype=torch.long)
         for i, e in enumerate(batch):
             s = P + I + len(e.prompt)
@@ -212,7 +226,8 @@ def main(argv=None) -> None:
             labels_t[i, s: s + n] = torch.tensor(e.answer[:n])
         h = lm(inputs_embeds=x, attention_mask=att).last_hidden_state
         logits = head(h[:, :-1]).float()
-        loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels_t[:, 1:].reshape(-1), ignore_index=-100)
+        loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels_t[:, 1:].to(dev).reshape(-1),
+                               ignore_index=-100)
         if is_qa:
             qa_losses.append(loss.item())
         return loss
@@ -220,11 +235,11 @@ def main(argv=None) -> None:
     # ---- 3. projector only, 4. projector + decoder
     for p in list(lm.parameters()) + list(head.parameters()):
         p.requires_grad_(False)
-    run_steps("proj", list(proj.parameters()), plan.proj_steps, plan.proj_lr, mm_loss, log, bf16=plan.bf16)
+    run_steps("proj", list(proj.parameters()), plan.proj_steps, plan.proj_lr, mm_loss, log, bf16=plan.bf16, device=dev)
     for p in list(lm.parameters()) + list(head.parameters()):
         p.requires_grad_(True)
     run_steps("joint", list(proj.parameters()) + list(lm.parameters()) + list(head.parameters()),
-              plan.joint_steps, plan.joint_lr, mm_loss, log, bf16=plan.bf16)
+              plan.joint_steps, plan.joint_lr, mm_loss, log, bf16=plan.bf16, device=dev)
     log["joint_qa_loss_last100"] = round(float(np.mean(qa_losses[-100:])), 4) if qa_losses else None
     print("yes/no answer loss, last 100 QA batches:", log["joint_qa_loss_last100"], flush=True)
     if plan.qa_steps:
@@ -232,14 +247,15 @@ def main(argv=None) -> None:
         # from testbed v1 sat at chance (0.69) for ~250 steps, then fell to 0.50 by step 400.
         n_qa = len(qa_losses)
         run_steps("qa", list(proj.parameters()) + list(lm.parameters()) + list(head.parameters()),
-                  plan.qa_steps, plan.joint_lr * 0.6, lambda step: mm_loss(step, plan.qa_share_late), log, bf16=plan.bf16)
+                  plan.qa_steps, plan.joint_lr * 0.6, lambda step: mm_loss(step, plan.qa_share_late), log, bf16=plan.bf16,
+                  device=dev)
         late = qa_losses[n_qa:]
         log["qa_stage_qa_loss_last100"] = round(float(np.mean(late[-100:])), 4) if late else None
         print("yes/no decision loss (chance 0.693), last 100 QA batches of stage 5:", log["qa_stage_qa_loss_last100"],
               flush=True)
 
     # ---- save
-    model.eval()
+    model.eval().cpu()
     model.save_pretrained(out / "hf", safe_serialization=True)
     log["minutes"] = round((time.time() - t_start) / 60, 1)
     (out / "train_log.json").write_text(json.dumps(log, indent=1))
@@ -251,13 +267,14 @@ def vision_check(vt, heads, seed: int, n: int = 500) -> dict:
     """Presence F1 and colour accuracy of the pretrained tower on counterfactual scenes."""
     scenes = make_split("counterfactual", n, seed + 1000)
     lab = vision_labels(scenes)
+    dev = next(heads.parameters()).device
     with torch.no_grad():
         x = render_all(scenes)
-        outs = [heads(vt(image_tensor(x[i:i + 100]), output_hidden_states=True).hidden_states[-2])
+        outs = [heads(vt(image_tensor(x[i:i + 100]).to(dev), output_hidden_states=True).hidden_states[-2])
                 for i in range(0, n, 100)]
-    pres = torch.cat([o[0] for o in outs]).numpy() > 0
-    col = torch.cat([o[1] for o in outs]).argmax(-1).numpy()
-    pos = torch.cat([o[2] for o in outs]).argmax(-1).numpy()
+    pres = torch.cat([o[0] for o in outs]).float().cpu().numpy() > 0
+    col = torch.cat([o[1] for o in outs]).argmax(-1).cpu().numpy()
+    pos = torch.cat([o[2] for o in outs]).argmax(-1).cpu().numpy()
     truth = lab.present > 0
     tp, fp, fn = (pres & truth).sum(), (pres & ~truth).sum(), (~pres & truth).sum()
     f1 = 2 * tp / max(1, 2 * tp + fp + fn)
