@@ -110,6 +110,18 @@ def test_vhr_matches_the_pytorch_oracle(hf, f32_session):
                     assert np.abs(got.vhr.ta[l] - ref["ta"][l]).max() <= 1e-3 * np.abs(ref["ta"][l]).max()
 
 
+def test_hf_eval_captions_match_the_engine(hf, f32_session):
+    # `evaluate --hf` (batched HF greedy with a KV cache, used to compare training recipes) must
+    # caption like the engine does on an F32 export of the same checkpoint
+    from vhr_edge.testbed.evaluate import hf_captions
+
+    scenes = make_split("counterfactual", 3, 2024)
+    texts = hf_captions(HF, scenes, max_tokens=N_TOKENS)
+    for sc, text in zip(scenes, texts):
+        got = f32_session.caption(np.asarray(render(sc)), vhr=False, n_predict=N_TOKENS)
+        assert text == got.text.strip()
+
+
 def test_shipped_models_caption_what_they_see():
     from vhr_edge.testbed.evaluate import score_caption
 

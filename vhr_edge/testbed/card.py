@@ -51,7 +51,9 @@ HISTORY = [  # (release, what it was / what changed)
 
 
 def release_name(plan: dict) -> str:
-    """Which testbed release a training plan made (v2 added stage 5's question mix)."""
+    """Which testbed release a training plan made (v2 added stage 5's question mix, v3 unbiased batches)."""
+    if plan.get("unbiased_share", 0) > 0:
+        return "v3"
     return "v2" if "qa_share_late" in plan else "v1"
 
 
@@ -98,6 +100,9 @@ def render_card(m: dict) -> str:
         "python -m vhr_edge.testbed.card --models models",
         "```",
         "",
+        "`--device cuda` trains on a GPU (five runs sharing one H200 took 6.6 min each); GPU and CPU",
+        "runs of the same seed see the same data and batches but are not bit-identical.",
+        "",
         "Stages, like LLaVA-1.5 (loss curves: `loss_curves.png`):",
         "",
         f"1. vision tower alone on {plan['n_unbiased']} UNBIASED scenes (objects uniform, no habits): presence,",
@@ -109,6 +114,9 @@ def render_card(m: dict) -> str:
         f"3. projector alone on image-caption pairs; {plan['proj_steps']} steps ({secs.get('proj', '?')} s).",
         f"4. projector + decoder on captions ({1 - plan['qa_share']:.0%}) and yes/no questions; "
         f"{plan['joint_steps']} steps x {plan['batch']} ({secs.get('joint', '?')} s). Vision frozen."
+        + (f" {plan['unbiased_share']:.0%} of the batches (here and in stage 5) come from the unbiased scenes:"
+           " the stand-in for the atypical images in LLaVA's instruction data; the rest are habit-laden."
+           if plan.get("unbiased_share") else "")
         + (" Stages 2-4 under bfloat16 autocast." if plan.get("bf16") and not all_bf16 else ""),
         *([f"5. the same at LR x0.6 with {plan.get('qa_share_late', 0):.0%} yes/no questions; {plan['qa_steps']} steps x "
            f"{plan['batch']} ({secs.get('qa', '?')} s)."] if plan.get("qa_steps") else []),

@@ -111,15 +111,21 @@ def evaluate(session, split: str, n: int, seed: int = EVAL_SEED, *, vhr=None, ge
 
 def hf_captions(run_dir: Path, scenes: list[Scene], *, device: str = "cpu", max_tokens: int = 96,
                 batch: int = 200) -> list[str]:
-    """Greedy detailed captions of `scenes` by a training run's HF checkpoint (float32, KV cache)."""
+    """Greedy detailed captions of `scenes` by an HF checkpoint (float32, KV cache, no VHR).
+
+    run_dir: a training run (RUN_DIR/hf, RUN_DIR/tokenizer.model) or a checkpoint folder that
+    holds its tokenizer.model (models/testbed-hf).
+    """
     import torch
     from transformers import LlavaForConditionalGeneration
 
     from .model import image_features, image_tensor, language_model
     from .tokenizer import Tokenizer
 
-    tok = Tokenizer(Path(run_dir) / "tokenizer.model")
-    model = LlavaForConditionalGeneration.from_pretrained(Path(run_dir) / "hf", dtype=torch.float32).to(device).eval()
+    run_dir = Path(run_dir)
+    ckpt = run_dir / "hf" if (run_dir / "hf").is_dir() else run_dir
+    tok = Tokenizer(run_dir / "tokenizer.model" if (run_dir / "tokenizer.model").is_file() else ckpt / "tokenizer.model")
+    model = LlavaForConditionalGeneration.from_pretrained(ckpt, dtype=torch.float32).to(device).eval()
     body, head = language_model(model)
     prefix, suffix = (torch.tensor(t, device=device) for t in tok.prompt_parts())
     texts = []
