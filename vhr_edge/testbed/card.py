@@ -102,6 +102,8 @@ def render_card(m: dict) -> str:
         "",
         "`--device cuda` trains on a GPU (five runs sharing one H200 took 6.6 min each); GPU and CPU",
         "runs of the same seed see the same data and batches but are not bit-identical.",
+        "`python -m vhr_edge.testbed.evaluate --hf runs/testbed --split counterfactual [--device cuda]`",
+        "scores a run's checkpoint before export (it gives the F16 GGUF's numbers to 3 decimals on v2).",
         "",
         "Stages, like LLaVA-1.5 (loss curves: `loss_curves.png`):",
         "",
