@@ -20,6 +20,7 @@ Per split, over greedy captions of "Please describe this image in detail." (exac
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -128,6 +129,8 @@ def hf_captions(run_dir: Path, scenes: list[Scene], *, device: str = "cpu", max_
     model = LlavaForConditionalGeneration.from_pretrained(ckpt, dtype=torch.float32).to(device).eval()
     body, head = language_model(model)
     prefix, suffix = (torch.tensor(t, device=device) for t in tok.prompt_parts())
+    # transformers 5 renamed past_key_values to cache (kwarg and output field)
+    key = "cache" if "cache" in inspect.signature(body.forward).parameters else "past_key_values"
     texts = []
     with torch.no_grad():
         for i in range(0, len(scenes), batch):
@@ -140,8 +143,7 @@ def hf_captions(run_dir: Path, scenes: list[Scene], *, device: str = "cpu", max_
             nxt = head(out.last_hidden_state[:, -1]).argmax(-1)
             done, ids = nxt == tok.eos, [nxt]
             while len(ids) < max_tokens and not bool(done.all()):
-                out = body(inputs_embeds=body.embed_tokens(nxt[:, None]), past_key_values=out.past_key_values,
-                           use_cache=True)
+                out = body(inputs_embeds=body.embed_tokens(nxt[:, None]), use_cache=True, **{key: getattr(out, key)})
                 nxt = torch.where(done, tok.eos, head(out.last_hidden_state[:, -1]).argmax(-1))
                 done |= nxt == tok.eos
                 ids.append(nxt)
