@@ -77,7 +77,7 @@ def session(testbed):
     from vhr_edge import Session
 
     _, _, out = testbed
-    s = Session(out / "tb-F32.gguf", out / "tb-mmproj-F32.gguf", n_threads=2, n_ctx=512)
+    s = Session(out / "tb-F32.gguf", out / "tb-mmproj-F32.gguf", n_threads=2, n_ctx=512, prompt_template="vicuna-system")
     yield s
     s.close()
 
@@ -169,7 +169,7 @@ def test_image_rows_match_hf_f16_mmproj(testbed, tok_path, tmp_path):
     model, hf_dir, out = testbed
     _, mmproj = export.export_llava(hf_dir, tmp_path, name="m16", tokenizer_model=tok_path, mmproj_dtype="f16")
     img = _image()
-    s = Session(out / "tb-F32.gguf", mmproj, n_threads=2, n_ctx=512)
+    s = Session(out / "tb-F32.gguf", mmproj, n_threads=2, n_ctx=512, prompt_template="vicuna-system")
     rows = s._runner.embed_image(img, DETAIL_PROMPT, s.prompt_template)["image"]
     ref = _hf_rows(model, img)
     rel = float(np.abs(rows - ref).max() / np.abs(ref).max())
@@ -207,7 +207,7 @@ def test_quantized_exports_load_and_caption(testbed, ftype, types):
     _, tensors = _meta(path)
     got = {t.tensor_type.name for n, t in tensors.items() if len(t.shape) == 2}
     assert got <= types and (ftype != "Q4_K_M" or "Q4_K" in got), got  # n_embd 256: K-quants apply everywhere
-    with Session(path, out / "tb-mmproj-F32.gguf", n_threads=2, n_ctx=512) as s:
+    with Session(path, out / "tb-mmproj-F32.gguf", n_threads=2, n_ctx=512, prompt_template="vicuna-system") as s:
         r = s.caption(_image(), DETAIL_PROMPT, vhr=False, n_predict=4, ignore_eos=True)
     assert len(r.tokens) == 4
 
@@ -266,7 +266,7 @@ def test_clip_tower_variant_exports_and_encodes(clip_llava, tok_path, tmp_path):
     assert "v.patch_embd.bias" not in tensors and not any(n.startswith("v.post_ln") for n in tensors)
     assert tuple(tensors["v.position_embd.weight"].shape) == (64, N_IMG + 1)
     img = _image()
-    with Session(text, mmproj, n_threads=2, n_ctx=512) as s:
+    with Session(text, mmproj, n_threads=2, n_ctx=512, prompt_template="vicuna-system") as s:
         rows = s._runner.embed_image(img, DETAIL_PROMPT, s.prompt_template)["image"]
         r = s.caption(img, DETAIL_PROMPT, vhr=False, n_predict=2, ignore_eos=True)
     assert rows.shape == (N_IMG, 128) and len(r.tokens) == 2  # CLS dropped: one row per patch
