@@ -82,7 +82,8 @@ def test_caption_request(server):
     assert isinstance(j["choices"][0]["message"]["content"], str)
     assert j["usage"]["completion_tokens"] <= 6
     assert j["vhr"] == {"enabled": True, "alpha": 3.0, "layers": [1, 5], "selected_heads": j["vhr"]["selected_heads"],
-                        "decode_scaling": "callback"}  # alpha 3 cannot be folded into W_o exactly
+                        "decode_scaling": "callback", "reference": "released",
+                        "reference_cached": j["vhr"]["reference_cached"]}  # alpha 3 cannot be folded into W_o exactly
     assert set(j["vhr"]["selected_heads"]) == {"1", "5"}
     assert j["timings"]["n_image_tokens"] == 64
     status, j = request(server, body=chat(data_uri(png(scene(1))), vhr={"enabled": False}))
