@@ -37,6 +37,8 @@ py::dict to_dict(const vhr::Result & r) {
     d["selected_heads"] = r.selected_heads;
     d["decode_scaling"] = r.decode_scaling;
     d["fold_note"] = r.fold_note;
+    d["reference"] = r.reference;
+    d["reference_cached"] = r.reference_cached;
     d["vhd"] = matrix(r.vhd, r.n_layer, r.n_head);
     d["ta"] = matrix(r.ta, r.n_layer, r.n_head);
     d["first_logits"] = py::array_t<float>((py::ssize_t) r.first_logits.size(), r.first_logits.data());
@@ -47,6 +49,7 @@ py::dict to_dict(const vhr::Result & r) {
     const vhr::Timings & t = r.timings;
     py::dict td;
     td["image_encode_ms"] = t.image_encode_ms;
+    td["reference_ms"] = t.reference_ms;
     td["prefill_ms"] = t.prefill_ms;
     td["decode_ms"] = t.decode_ms;
     td["total_ms"] = t.total_ms;
@@ -74,13 +77,14 @@ PYBIND11_MODULE(_engine, m) {
             throw std::runtime_error("score_heads: columns must have equal size divisible by n_head");
         }
         const vhr::HeadScores s = vhr::score_heads(img.data(), txt.data(), n_head, (int) (img.size() / n_head));
-        return py::make_tuple(s.vhd, s.ta);
-    }, py::arg("col_img"), py::arg("col_txt"), py::arg("n_head"));
-    m.def("outlier_heads", &vhr::outlier_heads, py::arg("vhd"), py::arg("ta"));
-    m.def("select_heads", [](const std::vector<float> & vhd, const std::vector<float> & ta, bool outlier_rule) {
-        if (vhd.size() != ta.size()) throw std::runtime_error("select_heads: vhd and ta differ in length");
-        return vhr::select_heads({vhd, ta}, outlier_rule);
-    }, py::arg("vhd"), py::arg("ta"), py::arg("outlier_rule") = true);
+        return py::make_tuple(s.d, s.ta);
+    }, py::arg("col_img"), py::arg("col_txt"), py::arg("n_head"),
+       "(D, TA) per head: squared distance to the text-only column, and its squared norm.");
+    m.def("outlier_heads", &vhr::outlier_heads, py::arg("d"), py::arg("ta"));
+    m.def("select_heads", [](const std::vector<float> & d, const std::vector<float> & ta, bool outlier_rule) {
+        if (d.size() != ta.size()) throw std::runtime_error("select_heads: d and ta differ in length");
+        return vhr::select_heads({d, ta}, outlier_rule);
+    }, py::arg("d"), py::arg("ta"), py::arg("outlier_rule") = true);
     m.def("scale_heads", [](py::array_t<float, py::array::c_style> data, const std::vector<int> & heads, int n_head, float alpha) {
         // data: [n_tokens, n_head * head_dim] (numpy view of ggml's [n_embd, n_tokens])
         if (data.ndim() != 2 || n_head <= 0 || data.shape(1) % n_head != 0) throw std::runtime_error("scale_heads: bad shape");
@@ -113,7 +117,7 @@ PYBIND11_MODULE(_engine, m) {
 
     py::class_<vhr::Runner>(m, "Runner")
         .def(py::init([](const std::string & model, const std::string & mmproj, int n_threads, int n_gpu_layers,
-                         int n_ctx, int flash_attn, bool verbose, int n_threads_batch) {
+                         int n_ctx, int flash_attn, bool verbose, int n_threads_batch, int reference_cache_size) {
                  vhr::RunnerParams p;
                  p.model_path = model;
                  p.mmproj_path = mmproj;
@@ -123,13 +127,18 @@ PYBIND11_MODULE(_engine, m) {
                  p.n_ctx = n_ctx;
                  p.flash_attn = flash_attn;
                  p.verbose = verbose;
+                 p.reference_cache_size = reference_cache_size;
                  py::gil_scoped_release release;
                  return new vhr::Runner(p);
              }),
              py::arg("model"), py::arg("mmproj"), py::arg("n_threads") = 0, py::arg("n_gpu_layers") = 0,
              py::arg("n_ctx") = 2048, py::arg("flash_attn") = -1, py::arg("verbose") = false,
-             py::arg("n_threads_batch") = 0)
+             py::arg("n_threads_batch") = 0, py::arg("reference_cache_size") = 16)
         .def("info", &vhr::Runner::info)
+        .def("metadata", [](const vhr::Runner & self, const std::string & key) { return utf8_lossy(self.metadata(key)); },
+             py::arg("key"), "A string from the text GGUF's metadata ('' when absent).")
+        .def("reference_cache_entries", &vhr::Runner::reference_cache_entries)
+        .def("clear_reference_cache", &vhr::Runner::clear_reference_cache)
         .def("tokenize", &vhr::Runner::tokenize, py::arg("text"))
         .def("pieces", [](const vhr::Runner & self, const std::vector<int32_t> & tokens) {
             py::list out;
@@ -158,7 +167,7 @@ PYBIND11_MODULE(_engine, m) {
                 const std::string & prompt_template, int n_predict, float temp, int top_k, float top_p, uint32_t seed,
                 bool ignore_eos, bool keep_logits, bool vhr_enabled, float alpha, std::vector<int> layers,
                 bool outlier_rule, std::string head_mode, uint32_t random_seed,
-                std::map<int, std::vector<int>> forced_heads, bool share_prefix, bool trace,
+                std::map<int, std::vector<int>> forced_heads, std::string reference, bool trace,
                 std::vector<int32_t> forced_tokens, bool fold_weights, py::object on_token) {
                  if (rgb.ndim() != 3 || rgb.shape(2) != 3) throw std::runtime_error("image must be an HxWx3 uint8 array");
                  vhr::GenParams g;
@@ -179,7 +188,7 @@ PYBIND11_MODULE(_engine, m) {
                  v.head_mode = std::move(head_mode);
                  v.random_seed = random_seed;
                  v.forced_heads = std::move(forced_heads);
-                 v.share_prefix = share_prefix;
+                 v.reference = std::move(reference);
                  v.fold_weights = fold_weights;
                  // on_token(token, piece) runs on the engine's thread, which holds the GIL only
                  // inside the call. Returning False (None means go on) stops the caption; an
@@ -215,7 +224,7 @@ PYBIND11_MODULE(_engine, m) {
              py::arg("seed") = 0, py::arg("ignore_eos") = false, py::arg("keep_logits") = false,
              py::arg("vhr") = true, py::arg("alpha") = 2.0f, py::arg("layers") = std::vector<int>{},
              py::arg("outlier_rule") = true, py::arg("head_mode") = "vhd", py::arg("random_seed") = 0,
-             py::arg("forced_heads") = std::map<int, std::vector<int>>{}, py::arg("share_prefix") = true,
+             py::arg("forced_heads") = std::map<int, std::vector<int>>{}, py::arg("reference") = "released",
              py::arg("trace") = false, py::arg("forced_tokens") = std::vector<int32_t>{},
              py::arg("fold_weights") = true, py::arg("on_token") = py::none());
 }

@@ -3,6 +3,7 @@
 #include <algorithm>
 #include <cstring>
 #include <stdexcept>
+#include <string>
 
 #include "ggml-backend.h"
 #include "vhr_core.h"
@@ -12,6 +13,7 @@ namespace vhr {
 bool HeadHook::wants(int layer) const {
     if (layer < 0 || layer >= n_layer) return false;
     const bool trace = tracing && traced[layer];
+    if (phase == Phase::reference) return scored[layer];
     if (phase == Phase::prefill) return scored[layer] || trace;
     if (phase == Phase::decode) return (!heads[layer].empty() && !folded) || trace;
     return false;
@@ -33,26 +35,43 @@ void HeadHook::process(ggml_tensor * t, int layer) {
         ggml_backend_tensor_get(t, scratch_.data(), 0, ggml_nbytes(t));
         data = scratch_.data();
     }
+    if (phase == Phase::reference) {  // spec 1: record the text-only prompt's last column, scale nothing
+        if (col_txt < 0 || col_txt >= n_cols || record == nullptr) throw std::runtime_error("reference pass without its column");
+        (*record)[layer].assign(data + col_txt * n_rows, data + (col_txt + 1) * n_rows);
+        return;
+    }
     const bool trace = tracing && traced[layer];
     const bool select = phase == Phase::prefill && scored[layer];
-    if (trace || select) {
-        if (col_img >= n_cols || col_txt >= n_cols) throw std::runtime_error("batch was split; raise n_ubatch");
+    if ((trace || select) && (col_img < 0 || col_img >= n_cols ||
+                              ((trace || !reference) && (col_txt < 0 || col_txt >= n_cols)))) {
+        throw std::runtime_error("batch was split; raise n_ubatch");
+    }
+    if (trace) {
         const HeadScores s = score_heads(data + col_img * n_rows, data + col_txt * n_rows, n_head, head_dim);
-        if (trace) std::copy(s.vhd.begin(), s.vhd.end(), step_vhd.begin() + (size_t) layer * n_head);
-        if (select) {
-            std::copy(s.vhd.begin(), s.vhd.end(), vhd.begin() + (size_t) layer * n_head);
-            std::copy(s.ta.begin(), s.ta.end(), ta.begin() + (size_t) layer * n_head);
-            auto f = forced.find(layer);
-            if (f != forced.end()) {
-                heads[layer] = f->second;
-            } else {
-                heads[layer] = select_heads(s, outlier_rule);
-                if (random_mode) heads[layer] = random_heads((int) heads[layer].size(), n_head, rng);
-            }
+        const std::vector<float> v = euclidean(s.d);
+        std::copy(v.begin(), v.end(), step_vhd.begin() + (size_t) layer * n_head);
+    }
+    if (select) {
+        const float * txt = data + col_txt * n_rows;
+        if (reference) {
+            const std::vector<float> & ref = (*reference)[(size_t) layer];
+            if ((int64_t) ref.size() != n_rows) throw std::runtime_error("the text-only reference lacks layer " + std::to_string(layer));
+            txt = ref.data();
+        }
+        const HeadScores s = score_heads(data + col_img * n_rows, txt, n_head, head_dim);
+        std::copy(s.d.begin(), s.d.end(), d.begin() + (size_t) layer * n_head);
+        std::copy(s.ta.begin(), s.ta.end(), ta.begin() + (size_t) layer * n_head);
+        auto f = forced.find(layer);
+        if (f != forced.end()) {
+            heads[layer] = f->second;
+        } else {
+            heads[layer] = select_heads(s, outlier_rule);
+            if (random_mode) heads[layer] = random_heads((int) heads[layer].size(), n_head, rng);
         }
     }
     if (heads[layer].empty() || (phase == Phase::decode && folded)) return;  // nothing to write back
-    scale_heads(data, n_cols, n_rows, heads[layer], head_dim, alpha);
+    const int64_t cols = n_scaled_cols < 0 ? n_cols : std::min(n_cols, n_scaled_cols);
+    scale_heads(data, cols, n_rows, heads[layer], head_dim, alpha);
     if (!host) ggml_backend_tensor_set(t, data, 0, ggml_nbytes(t));
 }
 

@@ -4,6 +4,7 @@
 #include <chrono>
 #include <cmath>
 #include <cstring>
+#include <list>
 #include <mutex>
 #include <random>
 #include <set>
@@ -192,7 +193,14 @@ struct Runner::Impl {
     int n_layer = 0, n_head = 0, n_embd = 0;
     llama_context * ctx_vhr = nullptr;    // created with the eval callback
     llama_context * ctx_plain = nullptr;  // created without any callback (--no-vhr)
-    int ubatch_vhr = 0, ubatch_plain = 0;
+    struct Ctx { int ubatch = 0, n_seq = 0; };
+    Ctx shape_vhr, shape_plain;  // what each context was created for
+    struct CachedReference {
+        std::vector<llama_token> tokens;  // the text-only prompt
+        std::vector<int> layers;          // the layers recorded
+        Reference ref;
+    };
+    std::list<CachedReference> ref_cache;  // most recently used first
     HeadHook hook;
     std::mutex busy;
     std::set<const ggml_tensor *> private_w_o;  // W_o tensors already remapped copy-on-write
@@ -209,18 +217,21 @@ struct Runner::Impl {
     }
     int n_threads_batch() const { return p.n_threads_batch > 0 ? p.n_threads_batch : n_threads(); }
 
-    llama_context * context_for(bool with_callback, int rows) {
+    // The context with (VHR, tracing) or without the eval callback, big enough for `rows` rows in
+    // one micro-batch and `n_seq` sequences; created once and reused, grown when needed.
+    llama_context * context_for(bool with_callback, int rows, int n_seq) {
         llama_context *& ctx = with_callback ? ctx_vhr : ctx_plain;
-        int & ubatch = with_callback ? ubatch_vhr : ubatch_plain;
-        if (ctx && ubatch >= rows) return ctx;
+        Ctx & c = with_callback ? shape_vhr : shape_plain;
+        if (ctx && c.ubatch >= rows && c.n_seq >= n_seq) return ctx;
         if (ctx) llama_free(ctx);
         ctx = nullptr;
-        ubatch = std::min(p.n_ctx, (rows + 63) / 64 * 64);
+        c.ubatch = std::min(p.n_ctx, (std::max(rows, c.ubatch) + 63) / 64 * 64);
+        c.n_seq = std::max(n_seq, c.n_seq);
         llama_context_params cp = llama_context_default_params();
         cp.n_ctx = (uint32_t) p.n_ctx;
-        cp.n_batch = cp.n_ubatch = (uint32_t) ubatch;
-        cp.n_seq_max = with_callback ? 2 : 1;
-        cp.kv_unified = true;
+        cp.n_batch = cp.n_ubatch = (uint32_t) c.ubatch;
+        cp.n_seq_max = (uint32_t) c.n_seq;
+        cp.kv_unified = c.n_seq > 1;  // both sequences share the n_ctx cells
         cp.type_k = cp.type_v = GGML_TYPE_F16;
         cp.n_threads = n_threads();
         cp.n_threads_batch = n_threads_batch();
@@ -232,6 +243,63 @@ struct Runner::Impl {
         ctx = llama_init_from_model(model, cp);
         if (!ctx) fail("cannot create a llama.cpp context (n_ctx " + std::to_string(p.n_ctx) + "): " + take_last_error());
         return ctx;
+    }
+
+    // One row of an embedding batch: a token's row of token_embd, or an image row.
+    void add_row(llama_batch & b, llama_token tok, const float * image_row, llama_pos pos, bool seq0, bool seq1) {
+        const int32_t i = b.n_tokens++;
+        float * dst = b.embd + (int64_t) i * n_embd;
+        if (image_row) std::memcpy(dst, image_row, sizeof(float) * n_embd);
+        else embd->row(tok, dst);
+        b.pos[i] = pos;
+        b.n_seq_id[i] = 0;
+        if (seq0) b.seq_id[i][b.n_seq_id[i]++] = 0;
+        if (seq1) b.seq_id[i][b.n_seq_id[i]++] = 1;
+        b.logits[i] = 0;
+    }
+
+    // VHR_SPEC 1: R[l] for the layers armed in the hook, from the text-only prompt (prefix +
+    // instruction, contiguous positions) run alone with nothing scaled; cached, most recent first.
+    const Reference & text_reference(const std::vector<llama_token> & prefix, const std::vector<llama_token> & suffix,
+                                     Result & r) {
+        std::vector<llama_token> text(prefix);
+        text.insert(text.end(), suffix.begin(), suffix.end());
+        std::vector<int> layers;
+        for (int l = 0; l < n_layer; ++l) if (hook.scored[l]) layers.push_back(l);
+        for (auto it = ref_cache.begin(); it != ref_cache.end(); ++it) {
+            if (it->tokens == text && it->layers == layers) {
+                ref_cache.splice(ref_cache.begin(), ref_cache, it);
+                r.reference_cached = true;
+                return ref_cache.front().ref;
+            }
+        }
+        CachedReference e{text, layers, Reference((size_t) n_layer)};
+        const int32_t n = (int32_t) text.size();
+        if (n > p.n_ctx) fail("the text-only prompt needs " + std::to_string(n) + " positions; raise -c/--ctx-size");
+        llama_context * ctx = context_for(true, n, 1);  // created once, reused (not timed)
+        const auto t0 = Clock::now();
+        llama_memory_clear(llama_get_memory(ctx), true);
+        Batch batch(n, n_embd, 1);
+        batch.b.n_tokens = 0;
+        for (int32_t i = 0; i < n; ++i) add_row(batch.b, text[i], nullptr, (llama_pos) i, true, false);
+        batch.b.logits[n - 1] = 1;
+        hook.col_txt = n - 1;
+        hook.record = &e.ref;
+        hook.phase = HeadHook::Phase::reference;
+        const int32_t rc = llama_decode(ctx, batch.b);
+        hook.phase = HeadHook::Phase::idle;
+        hook.record = nullptr;
+        hook.col_txt = -1;
+        llama_memory_clear(llama_get_memory(ctx), true);
+        if (rc != 0) fail("llama_decode failed on the text-only reference (code " + std::to_string(rc) + ") " + take_last_error());
+        if (!hook.error.empty()) fail("VHR callback: " + hook.error);
+        for (int l : layers) {
+            if (e.ref[(size_t) l].empty()) fail("the text-only reference pass did not reach layer " + std::to_string(l));
+        }
+        ref_cache.push_front(std::move(e));
+        while (ref_cache.size() > (size_t) std::max(1, p.reference_cache_size)) ref_cache.pop_back();
+        r.timings.reference_ms = ms_since(t0);
+        return ref_cache.front().ref;
     }
 
     // The prompt split around its one image: [text chunk] [image chunk] [text chunk].
@@ -303,8 +371,12 @@ struct Runner::Impl {
         hook.traced.assign(n_layer, trace ? 1 : 0);
         hook.step_vhd.assign((size_t) n_layer * n_head, 0.0f);
         hook.heads.assign(n_layer, {});
-        hook.vhd.assign((size_t) n_layer * n_head, 0.0f);
+        hook.d.assign((size_t) n_layer * n_head, 0.0f);
         hook.ta.assign((size_t) n_layer * n_head, 0.0f);
+        hook.reference = nullptr;
+        hook.record = nullptr;
+        hook.n_scaled_cols = -1;
+        hook.col_img = hook.col_txt = -1;
         hook.error.clear();
     }
 
@@ -316,6 +388,7 @@ struct Runner::Impl {
         if (!v.enabled) return;
         if (!(v.alpha > 0.0f) || !std::isfinite(v.alpha)) fail("alpha must be a finite number > 0");
         if (v.head_mode != "vhd" && v.head_mode != "random") fail("head_mode must be 'vhd' or 'random'");
+        if (v.reference != "released" && v.reference != "joint") fail("reference must be 'released' or 'joint'");
         if (v.layers.empty()) v.layers = auto_layers(n_layer);
         for (int l : v.layers) {
             if (l < 0 || l >= n_layer) {
@@ -376,9 +449,7 @@ Runner::Runner(const RunnerParams & params) : impl_(new Impl) {
 Runner::~Runner() = default;
 
 const char * Runner::default_template() {
-    return "A chat between a curious human and an artificial intelligence assistant. "
-           "The assistant gives helpful, detailed, and polite answers to the human's questions. "
-           "USER: <image>\n{prompt} ASSISTANT:";
+    return "USER: <image>\n{prompt} ASSISTANT:";  // LLaVA-1.5 as released: no system line
 }
 
 ImageEmbedding Runner::embed_image(const RgbImage & image, const std::string & prompt,
@@ -417,6 +488,25 @@ std::vector<std::string> Runner::pieces(const std::vector<int32_t> & tokens) con
         out.emplace_back(buf, (size_t) std::max(n, 0));
     }
     return out;
+}
+
+std::string Runner::metadata(const std::string & key) const {
+    const int32_t n = llama_model_meta_val_str(impl_->model, key.c_str(), nullptr, 0);
+    if (n < 0) return "";
+    std::string out((size_t) n + 1, '\0');
+    llama_model_meta_val_str(impl_->model, key.c_str(), &out[0], out.size());
+    out.resize((size_t) n);
+    return out;
+}
+
+size_t Runner::reference_cache_entries() const {
+    std::lock_guard<std::mutex> lock(impl_->busy);
+    return impl_->ref_cache.size();
+}
+
+void Runner::clear_reference_cache() {
+    std::lock_guard<std::mutex> lock(impl_->busy);
+    impl_->ref_cache.clear();
 }
 
 ModelInfo Runner::info() const {
@@ -461,58 +551,56 @@ Result Runner::caption(const RgbImage & image, const std::string & prompt,
     const int64_t P = (int64_t) prefix.size(), S = (int64_t) suffix.size(), I = tk.n_image_tokens;
     r.timings.n_image_tokens = (int) I;
 
-    // ---- one embedding batch. seq 0 = image prompt, seq 1 = text-only prompt (prefix +
-    // instruction, positions contiguous). With share_prefix the prefix rows are in the batch
-    // once, carrying both sequence ids: causal attention makes that exact.
-    const bool two = vhr.enabled || gen.trace;  // the text-only sequence is needed
-    const bool shared = two && vhr.share_prefix;
+    // ---- the text-only reference (spec 1): its own unscaled pass, cached per prompt and layer set
+    const bool released = vhr.enabled && vhr.reference == "released";
+    const bool hooked = vhr.enabled || gen.trace;  // the callback runs
+    if (hooked) m.arm_hook(vhr, gen.trace);
+    const Reference * ref = released ? &m.text_reference(prefix, suffix, r) : nullptr;
+
+    // ---- the image prefill: seq 0 = image prompt, exactly the rows of a plain caption. The
+    // text-only prompt joins as seq 1 (prefix + instruction, positions contiguous) only for the
+    // joint variant or when tracing (T-VHD follows its continuation). Its rows never carry VHR
+    // scaling unless the variant is joint; only then may the prefix rows be shared by both
+    // sequences (causal attention makes that exact).
+    const bool two = gen.trace || (vhr.enabled && !released);
+    const bool shared = two && !released;
     const int64_t seq0_len = P + I + S;
     const int64_t n_rows = seq0_len + (two ? (shared ? S : P + S) : 0);
     if (n_rows > m.p.n_ctx) {
         fail("the prompt needs " + std::to_string(n_rows) + " positions (" + std::to_string(I) +
              " image tokens) but the context holds " + std::to_string(m.p.n_ctx) + "; raise -c/--ctx-size");
     }
-    llama_context * ctx = m.context_for(two, (int) n_rows);  // created once, reused (not timed)
+    llama_context * ctx = m.context_for(hooked, (int) n_rows, two ? 2 : 1);  // created once, reused (not timed)
     llama_memory_clear(llama_get_memory(ctx), true);
     auto t0 = Clock::now();
 
     Batch batch((int32_t) n_rows, m.n_embd, 2);
     llama_batch & b = batch.b;
     b.n_tokens = 0;
-    auto add_row = [&](llama_token tok, const float * image_row, llama_pos pos, bool seq0, bool seq1) {
-        const int32_t i = b.n_tokens++;
-        float * dst = b.embd + (int64_t) i * m.n_embd;
-        if (image_row) std::memcpy(dst, image_row, sizeof(float) * m.n_embd);
-        else m.embd->row(tok, dst);
-        b.pos[i] = pos;
-        b.n_seq_id[i] = 0;
-        if (seq0) b.seq_id[i][b.n_seq_id[i]++] = 0;
-        if (seq1) b.seq_id[i][b.n_seq_id[i]++] = 1;
-        b.logits[i] = 0;
-    };
-    for (int64_t i = 0; i < P; ++i) add_row(prefix[i], nullptr, (llama_pos) i, true, shared);
-    for (int64_t i = 0; i < I; ++i) add_row(0, img + i * m.n_embd, (llama_pos) (P + i), true, false);
-    for (int64_t i = 0; i < S; ++i) add_row(suffix[i], nullptr, (llama_pos) (P + I + i), true, false);
+    for (int64_t i = 0; i < P; ++i) m.add_row(b, prefix[i], nullptr, (llama_pos) i, true, shared);
+    for (int64_t i = 0; i < I; ++i) m.add_row(b, 0, img + i * m.n_embd, (llama_pos) (P + i), true, false);
+    for (int64_t i = 0; i < S; ++i) m.add_row(b, suffix[i], nullptr, (llama_pos) (P + I + i), true, false);
     if (two && !shared) {
-        for (int64_t i = 0; i < P; ++i) add_row(prefix[i], nullptr, (llama_pos) i, false, true);
+        for (int64_t i = 0; i < P; ++i) m.add_row(b, prefix[i], nullptr, (llama_pos) i, false, true);
     }
     if (two) {
-        for (int64_t i = 0; i < S; ++i) add_row(suffix[i], nullptr, (llama_pos) (P + i), false, true);
+        for (int64_t i = 0; i < S; ++i) m.add_row(b, suffix[i], nullptr, (llama_pos) (P + i), false, true);
     }
     const int64_t col_img = seq0_len - 1;
-    const int64_t col_txt = (shared && S == 0) ? P - 1 : n_rows - 1;
+    const int64_t col_txt = !two ? -1 : (shared && S == 0) ? P - 1 : n_rows - 1;
     b.logits[col_img] = 1;
     if (two) b.logits[col_txt] = 1;
 
-    if (two) {
-        m.arm_hook(vhr, gen.trace);
+    if (hooked) {
         m.hook.col_img = col_img;
         m.hook.col_txt = col_txt;
+        m.hook.reference = ref;
+        m.hook.n_scaled_cols = released ? seq0_len : -1;  // the text-only rows stay unscaled
         m.hook.phase = HeadHook::Phase::prefill;
     }
     const int32_t rc = llama_decode(ctx, b);
     if (rc != 0) fail("llama_decode failed on the prefill (code " + std::to_string(rc) + ") " + take_last_error());
-    if (two && !m.hook.error.empty()) fail("VHR callback: " + m.hook.error);
+    if (hooked && !m.hook.error.empty()) fail("VHR callback: " + m.hook.error);
     r.timings.n_prompt_rows = (int) n_rows;
 
     // ---- first token, then drop the text-only sequence (kept when tracing: T-VHD needs it)
@@ -530,7 +618,10 @@ Result Runner::caption(const RgbImage & image, const std::string & prompt,
     if (gen.trace) trace.push_back(m.hook.step_vhd);
     llama_token tok = next_token((int32_t) col_img);
     if (two && !gen.trace) llama_memory_seq_rm(llama_get_memory(ctx), 1, -1, -1);
-    if (two) m.hook.phase = HeadHook::Phase::decode;
+    if (hooked) {
+        m.hook.phase = HeadHook::Phase::decode;
+        m.hook.n_scaled_cols = released ? 1 : -1;  // tracing: column 1 is the text-only continuation
+    }
     HeadFold fold;  // unfolds W_o when the caption ends, however it ends
     if (vhr.enabled) {
         r.decode_scaling = "callback";
@@ -579,14 +670,17 @@ Result Runner::caption(const RgbImage & image, const std::string & prompt,
         }
         const int32_t rc2 = llama_decode(ctx, sb);
         if (rc2 != 0) fail("llama_decode failed while decoding (code " + std::to_string(rc2) + ")");
-        if (two && !m.hook.error.empty()) fail("VHR callback: " + m.hook.error);
+        if (hooked && !m.hook.error.empty()) fail("VHR callback: " + m.hook.error);
         if (gen.trace) trace.push_back(m.hook.step_vhd);
         tok = next_token(0);
         r.timings.n_decoded++;
     }
     r.timings.decode_ms = ms_since(t0);
     r.timings.tokens_per_s = r.timings.decode_ms > 0 ? 1000.0 * r.timings.n_decoded / r.timings.decode_ms : 0.0;
-    if (two) m.hook.phase = HeadHook::Phase::idle;
+    if (hooked) {
+        m.hook.phase = HeadHook::Phase::idle;
+        m.hook.reference = nullptr;
+    }
     trace.resize(std::min(trace.size(), r.tokens.size()));  // row t: the position that chose token t
     for (const auto & row : trace) r.trace.insert(r.trace.end(), row.begin(), row.end());
 
@@ -606,8 +700,9 @@ Result Runner::caption(const RgbImage & image, const std::string & prompt,
         }
         std::sort(r.layers.begin(), r.layers.end());
         for (int l : r.layers) r.selected_heads[l] = m.hook.heads[l];
-        r.vhd = m.hook.vhd;
+        r.vhd = euclidean(m.hook.d);
         r.ta = m.hook.ta;
+        r.reference = vhr.reference;
     } else {
         r.vhd.assign((size_t) m.n_layer * m.n_head, 0.0f);
         r.ta = r.vhd;

@@ -1,11 +1,13 @@
 // runner: drives llama.cpp + libmtmd to caption one image with VHR (VHR_SPEC.md 4-5).
 //
+//   text-only prompt (prefix + instruction) --> reference pass: record R[l] at its last
+//       position for every VHR layer, scale nothing; cached per (prompt tokens, layer set)
 //   image --libmtmd--> image rows ─┐
-//   prompt tokens --token_embd---> text rows ─┴─> ONE embedding batch:
-//       [shared prefix: seq 0+1][image: seq 0][instruction: seq 0][instruction: seq 1]
-//   eval callback on kqv_out-<l>: score VHD/TA at the two last positions, select heads,
-//   scale them in place in every column, continue -> drop seq 1 -> decode seq 0 with the
-//   same heads scaled for every new token.
+//   prompt tokens --token_embd---> text rows ─┴─> the embedding batch of a plain caption:
+//       [prefix][image][instruction]
+//   eval callback on kqv_out-<l>: score D/TA of the last position against R[l], select heads,
+//   scale them in place in every column, continue -> decode with the same heads scaled for
+//   every new token.
 #pragma once
 
 #include <cstdint>
@@ -32,6 +34,7 @@ struct RunnerParams {
     int  n_ctx        = 2048;  // positions shared by both sequences during the prefill
     int  flash_attn   = -1;    // -1 auto, 0 off, 1 on
     bool verbose      = false; // let llama.cpp / libmtmd log to stderr
+    int  reference_cache_size = 16;  // text-only references kept (least recently used goes first)
 };
 
 struct VhrParams {
@@ -43,9 +46,11 @@ struct VhrParams {
     // pick, drawn at random (the control).
     std::string head_mode = "vhd";
     uint32_t random_seed  = 0;
-    // Put the rows the two prompts share (system line, "USER: ") in the batch once, with
-    // both sequence ids; false repeats them per sequence (slower; for tests).
-    bool share_prefix     = true;
+    // Where the text-only head outputs come from (VHR_SPEC 1, 4):
+    // "released": a separate, never-scaled pass over the text-only prompt, cached (the default);
+    // "joint": the text-only prompt as sequence 1 of the image prefill, scaled like the image
+    // prompt (this project's earlier variant; kept for ablations only).
+    std::string reference = "released";
     // Layers listed here use these heads instead of being scored (tests, profiles).
     std::map<int, std::vector<int>> forced_heads;
     // Decode with the selected heads folded into W_o where that is exact (weight_fold.h);
@@ -77,8 +82,9 @@ struct GenParams {
 
 struct Timings {
     double image_encode_ms = 0, prefill_ms = 0, decode_ms = 0;
+    double reference_ms = 0;   // the text-only reference pass (0 when it came from the cache)
     double total_ms = 0;       // also counts tokenizing and (first call only) creating the context
-    int    n_prompt_rows = 0;  // rows in the prefill batch (both sequences)
+    int    n_prompt_rows = 0;  // rows in the image prefill batch (with the joint variant or tracing: both sequences)
     int    n_image_tokens = 0;
     int    n_decoded = 0;      // tokens generated after the first one
     double tokens_per_s = 0;   // n_decoded / decode time
@@ -91,7 +97,9 @@ struct Result {
     int n_layer = 0, n_head = 0;
     std::vector<int> layers;             // the VHR layer set (empty when disabled)
     std::map<int, std::vector<int>> selected_heads;
-    std::vector<float> vhd, ta;          // n_layer * n_head, row-major; zero rows unscored
+    std::vector<float> vhd, ta;          // n_layer * n_head, row-major; zero rows unscored. vhd = sqrt(D)
+    std::string reference;               // "released" or "joint" ("" without VHR)
+    bool reference_cached = false;       // the text-only reference came from the cache
     std::vector<float> first_logits;     // when GenParams::keep_logits
     std::vector<float> trace;            // when GenParams::trace: n_tokens * n_layer * n_head VHD
     // How decoding scaled the heads: "weights" (folded into W_o), "callback", or "" (no VHR);
@@ -137,6 +145,13 @@ public:
                                const std::string & prompt_template);
 
     ModelInfo info() const;
+
+    // A string from the text GGUF's metadata ("" when the key is absent).
+    std::string metadata(const std::string & key) const;
+
+    // Text-only references in the cache; clear_reference_cache() empties it.
+    size_t reference_cache_entries() const;
+    void clear_reference_cache();
 
     // The model's tokenizer: text -> ids (no BOS), and each id's text piece.
     std::vector<int32_t> tokenize(const std::string & text) const;

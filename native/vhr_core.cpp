@@ -9,7 +9,7 @@ namespace vhr {
 
 HeadScores score_heads(const float * col_img, const float * col_txt, int n_head, int head_dim) {
     HeadScores s;
-    s.vhd.resize(n_head);
+    s.d.resize(n_head);
     s.ta.resize(n_head);
     for (int h = 0; h < n_head; ++h) {
         const float * a = col_img + (int64_t) h * head_dim;
@@ -20,10 +20,16 @@ HeadScores score_heads(const float * col_img, const float * col_txt, int n_head,
             d2 += d * d;
             t2 += (double) b[j] * (double) b[j];
         }
-        s.vhd[h] = (float) std::sqrt(d2);
-        s.ta[h]  = (float) t2;
+        s.d[h]  = (float) d2;
+        s.ta[h] = (float) t2;
     }
     return s;
+}
+
+std::vector<float> euclidean(const std::vector<float> & d) {
+    std::vector<float> out(d.size());
+    for (size_t i = 0; i < d.size(); ++i) out[i] = std::sqrt(std::max(d[i], 0.0f));
+    return out;
 }
 
 namespace {
@@ -35,9 +41,10 @@ MeanStd mean_std(const std::vector<float> & v) {
     double mean = 0.0;
     for (float x : v) mean += x;
     mean /= (double) v.size();
+    if (v.size() < 2) return {mean, 0.0};
     double var = 0.0;
     for (float x : v) var += ((double) x - mean) * ((double) x - mean);
-    return {mean, std::sqrt(var / (double) v.size())};  // population std
+    return {mean, std::sqrt(var / (double) (v.size() - 1))};  // unbiased (n - 1), as torch.std
 }
 
 double median(std::vector<float> v) {
@@ -48,12 +55,13 @@ double median(std::vector<float> v) {
 
 }  // namespace
 
-std::vector<int> outlier_heads(const std::vector<float> & vhd, const std::vector<float> & ta) {
-    const MeanStd v = mean_std(vhd);
-    const MeanStd t = mean_std(ta);
+std::vector<int> outlier_heads(const std::vector<float> & d, const std::vector<float> & ta) {
+    const MeanStd v = mean_std(d);
     std::vector<int> out;
-    for (size_t h = 0; h < vhd.size(); ++h) {
-        if ((double) vhd[h] > v.mean + v.std && (double) ta[h] > t.mean + t.std) {
+    if (!(v.std > 1.0)) return out;  // the released guard: an absolute std > 1
+    const MeanStd t = mean_std(ta);
+    for (size_t h = 0; h < d.size(); ++h) {
+        if ((double) d[h] > v.mean + v.std && (double) ta[h] > t.mean + t.std) {
             out.push_back((int) h);
         }
     }
@@ -61,15 +69,15 @@ std::vector<int> outlier_heads(const std::vector<float> & vhd, const std::vector
 }
 
 std::vector<int> select_heads(const HeadScores & scores, bool outlier_rule) {
-    std::vector<float> vhd = scores.vhd;
-    if (vhd.empty()) return {};
+    std::vector<float> d = scores.d;
+    if (d.empty()) return {};
     if (outlier_rule) {
-        for (int h : outlier_heads(scores.vhd, scores.ta)) vhd[h] = 0.0f;
+        for (int h : outlier_heads(scores.d, scores.ta)) d[h] = 0.0f;
     }
-    const double med = median(vhd);
+    const double med = median(d);
     std::vector<int> heads;
-    for (size_t h = 0; h < vhd.size(); ++h) {
-        if ((double) vhd[h] > med) heads.push_back((int) h);
+    for (size_t h = 0; h < d.size(); ++h) {
+        if ((double) d[h] > med) heads.push_back((int) h);
     }
     return heads;
 }
@@ -95,7 +103,7 @@ void scale_heads(float * data, int64_t n_cols, int64_t col_stride,
 }
 
 std::vector<int> auto_layers(int n_layer) {
-    const int n_last = (int) std::lround(14.0 * n_layer / 32.0);
+    const int n_last = n_layer >= 16 ? 14 : (int) std::lround(14.0 * n_layer / 32.0);
     std::set<int> layers;
     if (n_layer > 1) layers.insert(1);
     for (int l = std::max(0, n_layer - n_last); l < n_layer; ++l) layers.insert(l);

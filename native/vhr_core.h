@@ -11,22 +11,26 @@
 
 namespace vhr {
 
-// Per-head scores of one layer at the position that predicts the first token.
+// Per-head scores of one layer at the position that predicts the first token (spec 2).
 struct HeadScores {
-    std::vector<float> vhd;  // ||A_img - A_txt||_2                (spec 1)
-    std::vector<float> ta;   // ||A_txt||_2^2                       (spec 1)
+    std::vector<float> d;   // D  = ||A_img - R||_2^2   (squared, as released; selection uses it)
+    std::vector<float> ta;  // TA = ||R||_2^2
 };
 
-// VHD and TA from the last-position column of the image prompt (col_img) and of the
-// text-only prompt (col_txt); both hold n_head * head_dim floats.
+// D and TA from the last-position column of the image prompt (col_img) and the text-only
+// reference R (col_txt); both hold n_head * head_dim floats.
 HeadScores score_heads(const float * col_img, const float * col_txt, int n_head, int head_dim);
 
-// Spec 2: heads whose VHD AND TA are both above mean + population std of their layer.
-std::vector<int> outlier_heads(const std::vector<float> & vhd, const std::vector<float> & ta);
+// The paper's Euclidean VHD for reports: sqrt(D) per head.
+std::vector<float> euclidean(const std::vector<float> & d);
 
-// Spec 2 + 3: zero the outliers' VHD (when outlier_rule), then keep heads whose VHD is
-// strictly above the median of the layer (numpy's median: mean of the two middle values
-// for an even count). Returns ascending head indices.
+// Spec 2: only when the unbiased std of D exceeds 1 (the released absolute guard): heads whose
+// D AND TA are both above mean + unbiased std of their layer. Empty when the guard fails.
+std::vector<int> outlier_heads(const std::vector<float> & d, const std::vector<float> & ta);
+
+// Spec 2 + 3: zero the outliers' D (when outlier_rule), then keep heads whose D is strictly
+// above the median of the layer (mean of the two middle values for an even count; for a
+// strict ">" this picks the same heads as torch.median's lower middle). Ascending indices.
 std::vector<int> select_heads(const HeadScores & scores, bool outlier_rule = true);
 
 // The random-heads control: `count` distinct heads out of n_head drawn with rng, ascending.
@@ -37,7 +41,8 @@ std::vector<int> random_heads(int count, int n_head, std::mt19937 & rng);
 void scale_heads(float * data, int64_t n_cols, int64_t col_stride,
                  const std::vector<int> & heads, int head_dim, float alpha);
 
-// Spec 3 "auto": layer 1 plus the last round(14 * n_layer / 32) layers, ascending.
+// Spec 3 "auto" (the paper rule as released): layer 1 plus the last 14 layers when n_layer >= 16;
+// shallower models keep the proportion: layer 1 plus the last round(14 * n_layer / 32). Ascending.
 std::vector<int> auto_layers(int n_layer);
 
 // Spec 6: sum over the given per-layer VHD rows of the sum of their top-k values.

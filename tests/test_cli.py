@@ -122,7 +122,7 @@ BAD = [
      "not a LLaVA-style projector"),
     ("non-LLaVA text model", lambda f: ["caption", f["img"], "-m", f["mmproj"], "--mmproj", f["mmproj"]],
      "cannot load text model"),
-    ("prompt longer than context", lambda f: ["caption", f["img"], "-c", "256", "-p", "describe " * 60],
+    ("prompt longer than context", lambda f: ["caption", f["img"], "-c", "256", "-p", "describe " * 200],
      "context holds 256"),
     ("alpha zero", lambda f: ["caption", f["img"], "--alpha", "0"], "alpha must be > 0"),
     ("alpha negative", lambda f: ["caption", f["img"], "--alpha", "-2"], "alpha must be > 0"),

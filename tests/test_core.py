@@ -12,31 +12,34 @@ from vhr_edge.errors import ConfigError
 E = load()
 
 
-def numpy_select(vhd, ta, outlier_rule=True):
-    """VHR_SPEC 2-3 written directly in numpy."""
-    vhd = np.asarray(vhd, np.float64).copy()
+def numpy_select(d, ta, outlier_rule=True):
+    """VHR_SPEC 2-3 as released, written directly in numpy: D squared, unbiased std (ddof=1),
+    the outlier rule only when std(D) > 1."""
+    d = np.asarray(d, np.float64).copy()
     ta = np.asarray(ta, np.float64)
-    if outlier_rule:
-        out = (vhd > vhd.mean() + vhd.std()) & (ta > ta.mean() + ta.std())
-        vhd[out] = 0.0
-    return [int(i) for i in np.flatnonzero(vhd > np.median(vhd))]
+    if outlier_rule and d.std(ddof=1) > 1:
+        out = (d > d.mean() + d.std(ddof=1)) & (ta > ta.mean() + ta.std(ddof=1))
+        d[out] = 0.0
+    return [int(i) for i in np.flatnonzero(d > np.median(d))]
 
 
-def test_score_heads_matches_numpy():
+def test_score_heads_is_squared_distance_and_squared_norm():
     rng = np.random.default_rng(0)
     n_head, hd = 8, 16
     a, b = rng.normal(size=n_head * hd).astype(np.float32), rng.normal(size=n_head * hd).astype(np.float32)
-    vhd, ta = E.score_heads(a, b, n_head)
-    ref_vhd = np.linalg.norm((a - b).reshape(n_head, hd).astype(np.float64), axis=1)
+    d, ta = E.score_heads(a, b, n_head)
+    ref_d = (((a - b).reshape(n_head, hd).astype(np.float64)) ** 2).sum(axis=1)
     ref_ta = (b.reshape(n_head, hd).astype(np.float64) ** 2).sum(axis=1)
-    np.testing.assert_allclose(vhd, ref_vhd, rtol=1e-6)
+    np.testing.assert_allclose(d, ref_d, rtol=1e-6)
     np.testing.assert_allclose(ta, ref_ta, rtol=1e-6)
+    # hand-computed: one head of dim 2, img (3, 4), txt (0, 0) -> D = 25 (not 5), TA = 0
+    assert E.score_heads(np.array([3.0, 4.0], np.float32), np.zeros(2, np.float32), 1) == ([25.0], [0.0])
 
 
 def test_select_hand_computed_median():
-    vhd = [0.1, 0.5, 0.3, 0.9, 0.2, 0.7, 0.4, 0.8]  # median (0.4 + 0.5) / 2 = 0.45
+    d = [0.1, 0.5, 0.3, 0.9, 0.2, 0.7, 0.4, 0.8]  # median (0.4 + 0.5) / 2 = 0.45
     ta = [1.0] * 8
-    assert E.select_heads(vhd, ta) == [1, 3, 5, 7]
+    assert E.select_heads(d, ta) == [1, 3, 5, 7]
 
 
 def test_select_ties_are_not_above_median():
@@ -45,32 +48,56 @@ def test_select_ties_are_not_above_median():
     assert E.select_heads([1.0, 5.0, 3.0], [0.0] * 3) == [1]  # odd count: middle value
 
 
-def test_outlier_needs_both_vhd_and_ta_high():
-    vhd = [1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 10.0]
-    # mean 2.125, std 2.976 -> threshold 5.1; head 7 is above for VHD
-    assert E.outlier_heads(vhd, [1.0] * 7 + [10.0]) == [7]
-    assert E.outlier_heads(vhd, [10.0] + [1.0] * 7) == []  # TA high elsewhere: not an outlier
-    # the outlier's VHD is zeroed before the median: it is NOT selected
+def test_outlier_needs_both_d_and_ta_high():
+    d = [1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 10.0]
+    # mean 2.125, unbiased std 3.182 (> 1, so the rule applies) -> threshold 5.31; head 7 is above
+    assert E.outlier_heads(d, [1.0] * 7 + [10.0]) == [7]
+    assert E.outlier_heads(d, [10.0] + [1.0] * 7) == []  # TA high elsewhere: not an outlier
+    # the outlier's D is zeroed before the median: it is NOT selected
     sel_rule = E.select_heads([0.5, 0.6, 0.7, 0.8, 0.9, 1.0, 1.1, 10.0], [1.0] * 7 + [10.0])
     assert sel_rule == [3, 4, 5, 6]  # zeroed head 7 moves the median down to 0.75
     sel_plain = E.select_heads([0.5, 0.6, 0.7, 0.8, 0.9, 1.0, 1.1, 10.0], [1.0] * 7 + [10.0], outlier_rule=False)
     assert sel_plain == [4, 5, 6, 7]
 
 
+def test_outlier_rule_uses_the_unbiased_std():
+    # D = 0,0,0,0,5,7: mean 2, population std 2.887 (threshold 4.89), unbiased std 3.162 (5.16).
+    # TA = 0,0,0,0,10,10: both high heads pass TA's threshold (8.5 unbiased).
+    d, ta = [0.0, 0.0, 0.0, 0.0, 5.0, 7.0], [0.0, 0.0, 0.0, 0.0, 10.0, 10.0]
+    assert E.outlier_heads(d, ta) == [5]  # with the population std head 4 would be one too
+    assert E.select_heads(d, ta) == [4]  # D -> 0,0,0,0,5,0: median 0
+    assert E.select_heads(d, ta, outlier_rule=False) == [4, 5]
+
+
+def test_outlier_rule_guard_is_absolute():
+    # std(D) = 0.904 <= 1: the rule is skipped although head 3 is high in both D and TA
+    d, ta = [0.1, 0.2, 0.3, 2.0], [0.0, 0.0, 0.0, 5.0]
+    assert E.outlier_heads(d, ta) == []
+    assert E.select_heads(d, ta) == [2, 3]  # median 0.25
+    # the same layer 10x larger: std 9.04 > 1, head 3 is dropped
+    d10 = [10 * x for x in d]
+    assert E.outlier_heads(d10, ta) == [3]
+    assert E.select_heads(d10, ta) == [1, 2]  # D -> 1, 2, 3, 0: median 1.5
+
+
 @pytest.mark.parametrize("n_head", [5, 8, 32])
 def test_select_matches_numpy_random(n_head):
     rng = np.random.default_rng(n_head)
+    guarded = 0
     for _ in range(300):
-        vhd = rng.gamma(2.0, 1.0, n_head).astype(np.float32)
+        scale = 0.05 if rng.random() < 0.3 else 1.0  # some layers where std(D) <= 1
+        d = (rng.gamma(2.0, 1.0, n_head) * scale).astype(np.float32)
         ta = rng.gamma(2.0, 1.0, n_head).astype(np.float32)
         if rng.random() < 0.3:  # plant an outlier
             i = rng.integers(n_head)
-            vhd[i] *= 8
+            d[i] *= 8
             ta[i] *= 8
         if rng.random() < 0.2:  # plant ties
-            vhd[: n_head // 2] = vhd[0]
+            d[: n_head // 2] = d[0]
+        guarded += np.std(d.astype(np.float64), ddof=1) <= 1
         for rule in (True, False):
-            assert E.select_heads(vhd.tolist(), ta.tolist(), rule) == numpy_select(vhd, ta, rule)
+            assert E.select_heads(d.tolist(), ta.tolist(), rule) == numpy_select(d, ta, rule)
+    assert guarded > 30  # the guard's branch was exercised
 
 
 def test_scale_heads_only_touches_selected_slices():
@@ -86,7 +113,9 @@ def test_scale_heads_only_touches_selected_slices():
 def test_auto_layers_rule():
     assert E.auto_layers(32) == [1] + list(range(18, 32))
     assert E.auto_layers(8) == [1, 4, 5, 6, 7]
-    assert E.auto_layers(40) == [1] + list(range(22, 40))  # round(17.5) = 18 last layers
+    assert E.auto_layers(40) == [1] + list(range(26, 40))  # as released: the last 14, whatever the depth
+    assert E.auto_layers(16) == list(range(1, 16))  # 1 + 2..15
+    assert E.auto_layers(15) == [1] + list(range(8, 15))  # shallower: round(14 * 15 / 32) = 7 last layers
     for n in range(1, 81):
         assert E.auto_layers(n) == auto_layers(n)
 

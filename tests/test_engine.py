@@ -67,15 +67,47 @@ def test_layerwise_order(session, image_a):
     assert np.all(full.vhr.vhd[[0, 2, 3, 4, 6, 7]] == 0)
 
 
-def test_shared_prefix_equals_two_full_sequences(session, image_a):
-    shared = caption(session, image_a)
-    full = caption(session, image_a, share_prefix=False)
-    assert shared.timings.n_prompt_rows < full.timings.n_prompt_rows
-    assert shared.vhr.selected_heads == full.vhr.selected_heads
-    np.testing.assert_allclose(shared.vhr.vhd, full.vhr.vhd, rtol=1e-4, atol=1e-5)
-    np.testing.assert_allclose(shared.vhr.ta, full.vhr.ta, rtol=1e-4, atol=1e-5)
-    np.testing.assert_allclose(shared.first_logits, full.first_logits, atol=1e-4)
-    assert shared.tokens == full.tokens
+def test_reference_cached_per_prompt_and_prefill_is_plain(tiny, image_a, image_b):
+    """VHR_SPEC 1: the text-only reference is its own pass, once per (prompt, layer set); the
+    image prefill then holds exactly the rows of a plain caption."""
+    with Session(*tiny, n_threads=2, reference_cache_size=2) as s:
+        plain = caption(s, image_a, vhr=False)
+        first = caption(s, image_a)
+        second = caption(s, image_b)
+        assert first.vhr.reference == "released"
+        assert not first.vhr.reference_cached and first.timings.reference_ms > 0
+        assert second.vhr.reference_cached and second.timings.reference_ms == 0
+        assert first.timings.n_prompt_rows == second.timings.n_prompt_rows == plain.timings.n_prompt_rows
+        assert s.reference_cache_entries == 1
+        # a cached reference is the same reference: identical scores after the cache is cleared
+        s.clear_reference_cache()
+        again = caption(s, image_b)
+        assert not again.vhr.reference_cached
+        np.testing.assert_array_equal(again.vhr.vhd, second.vhr.vhd)
+        assert again.tokens == second.tokens
+        # another prompt or another layer set needs its own; the least recently used goes first
+        other = caption(s, image_b, prompt="Is there a dog?")
+        assert not other.vhr.reference_cached and s.reference_cache_entries == 2
+        assert np.abs(other.vhr.vhd - second.vhr.vhd).max() > 1e-3
+        assert not caption(s, image_b, layers=[1, 5]).vhr.reference_cached
+        assert s.reference_cache_entries == 2  # bounded
+        assert caption(s, image_b, layers=[1, 5]).vhr.reference_cached
+        assert not caption(s, image_b).vhr.reference_cached  # evicted
+
+
+def test_joint_variant_is_opt_in_and_differs(session, image_a):
+    """The earlier variant (text-only prompt in the same batch, scaled too) stays available
+    by name for ablations; it scores higher layers against a reinforced text branch."""
+    released = caption(session, image_a)
+    joint = caption(session, image_a, reference="joint")
+    assert joint.vhr.reference == "joint" and not joint.vhr.reference_cached
+    assert joint.timings.n_prompt_rows > released.timings.n_prompt_rows  # both sequences in one batch
+    # layer 1 has nothing reinforced below it: the same scores either way
+    np.testing.assert_allclose(joint.vhr.vhd[1], released.vhr.vhd[1], rtol=1e-3)  # batch-shape rounding
+    # above it the text branch differs (scaled in joint, never in released)
+    assert np.abs(joint.vhr.vhd[4:] - released.vhr.vhd[4:]).max() > 1e-3 * released.vhr.vhd.max()
+    with pytest.raises(Exception, match="released.*joint"):
+        caption(session, image_a, reference="both")
 
 
 def test_no_state_leaks_between_images(tiny, session, image_a, image_b):
@@ -256,7 +288,12 @@ def test_prompt_longer_than_context(tiny, image_a):
 
     with Session(*tiny, n_threads=2, n_ctx=256) as s:
         with pytest.raises(VhrEdgeError, match="context holds 256"):
-            s.caption(image_a, "describe " * 40)
+            s.caption(image_a, "describe " * 200)
+        # the text-only reference is its own pass: the image prefill needs only its own
+        # positions (the joint batch needed the instruction twice and does not fit)
+        assert s.caption(image_a, "describe " * 100, n_predict=2).n_tokens >= 1
+        with pytest.raises(VhrEdgeError, match="context holds 256"):
+            s.caption(image_a, "describe " * 100, reference="joint")
         assert s.caption(image_a, "Hi", n_predict=2).n_tokens >= 1
 
 
@@ -268,9 +305,12 @@ def test_trace_does_not_change_the_caption(session, image_a):
         np.testing.assert_allclose(traced.first_logits, plain.first_logits, atol=1e-4)
         assert traced.trace.shape == (N, 8, 4)
         assert np.all(traced.trace > 0)  # every layer, every step
-        if vhr:  # step 0 of the trace is the selection's own VHD on the scored layers
+        if vhr:  # step 0 of the trace is the selection's VHD on the scored layers: the trace's
+            # text-only sequence (unscaled, in the same batch) matches the cached reference up to
+            # the rounding of another batch shape
+            assert traced.vhr.selected_heads == plain.vhr.selected_heads
             for l in traced.vhr.layers:
-                np.testing.assert_allclose(traced.trace[0, l], traced.vhr.vhd[l], rtol=1e-5)
+                np.testing.assert_allclose(traced.trace[0, l], traced.vhr.vhd[l], rtol=1e-3)
 
 
 def test_forced_tokens(session, image_a):

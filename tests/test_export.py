@@ -143,9 +143,10 @@ def test_text_and_mmproj_metadata(testbed, tok_path, tmp_path):
 
 @pytest.mark.parametrize("prompt", [DETAIL_PROMPT, QUESTION])
 def test_tokenization_matches_sentencepiece(session, tok_path, prompt):
+    from vhr_edge.templates import VICUNA_SYSTEM
     from vhr_edge.testbed.tokenizer import Tokenizer
 
-    e = session._runner.embed_image(_image(), prompt, session.prompt_template)
+    e = session._runner.embed_image(_image(), prompt, VICUNA_SYSTEM)  # the testbed's template
     prefix, suffix = Tokenizer(tok_path).prompt_parts(prompt)
     assert list(e["prefix"]) == prefix
     assert list(e["suffix"]) == suffix

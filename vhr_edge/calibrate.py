@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 from .errors import ConfigError
+from .templates import LLAVA_15
 from .profile_rule import (DEFAULT_ALPHAS, MAX_LEN_CHANGE, MAX_RECALL_DROP, OBJECTIVE, Decision, Setting,
                            candidate_layer_sets, choose, objective_text, sweep_settings, violations)
 
@@ -349,6 +350,7 @@ def cmd_calibrate(args) -> int:
                  "reason": d.reason, "warnings": d.warnings,
                  "bootstrap": {"n": args.bootstrap, "seed": args.bootstrap_seed, "level": 0.95}},
         vhr_edge_version=__version__,
+        prompt_template=None if session.prompt_template == LLAVA_15 else session.prompt_template,
     )
     save_profile(profile, profile_path)
     print(md)

@@ -67,6 +67,9 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("-c", "--ctx-size", dest="ctx_size", type=int, default=2048, help="context size (default 2048)")
     g.add_argument("-fa", "--flash-attn", dest="flash_attn", choices=["on", "off", "auto"], default="auto")
     g.add_argument("-v", "--verbose", action="store_true", help="show llama.cpp logs and tracebacks")
+    g.add_argument("--template", default=None,
+                   help="prompt template: llava-1.5, vicuna-system, or text with <image> and {prompt} "
+                        "(default: the model's own, from its GGUF or profile, else llava-1.5 as released)")
 
 
 def _add_vhr_args(p: argparse.ArgumentParser) -> None:
@@ -80,6 +83,9 @@ def _add_vhr_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--random-heads", action="store_true",
                    help="control: reinforce as many heads per layer as VHR would, chosen at random")
     g.add_argument("--no-outlier-rule", action="store_true", help="skip the negative-sensitivity outlier rule")
+    g.add_argument("--vhd-reference", dest="vhd_reference", choices=["released", "joint"], default="released",
+                   help="text-only reference: its own unscaled, cached pass (released, default) or the "
+                        "earlier joint batch that scales it too (for ablations)")
     g.add_argument("--no-fold", action="store_true",
                    help="scale the heads in the graph callback at every decoding step instead of folding them "
                         "into W_o (same tokens; for benchmarks)")
@@ -180,7 +186,8 @@ def open_session(args):
     fa = {"on": True, "off": False, "auto": None}[args.flash_attn]
     return Session(model, mmproj, n_threads=args.threads, n_threads_batch=args.threads_batch,
                    n_gpu_layers=args.n_gpu_layers,
-                   n_ctx=args.ctx_size, flash_attn=fa, verbose=args.verbose)
+                   n_ctx=args.ctx_size, flash_attn=fa, verbose=args.verbose,
+                   prompt_template=getattr(args, "template", None))
 
 
 def resolve_vhr(args, announce: bool = True):
@@ -221,7 +228,7 @@ def configs(args):
     vhr = VhrConfig(enabled=not args.no_vhr, alpha=args.alpha, layers=args.layers,
                     outlier_rule=not args.no_outlier_rule,
                     head_mode="random" if args.random_heads else "vhd", random_seed=args.seed,
-                    fold_weights=not args.no_fold)
+                    fold_weights=not args.no_fold, reference=getattr(args, "vhd_reference", "released"))
     gen = GenerationConfig(n_predict=args.n_predict, temp=args.temp, top_k=args.top_k, top_p=args.top_p,
                            seed=args.seed, ignore_eos=args.ignore_eos)
     return vhr, gen

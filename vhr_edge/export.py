@@ -178,7 +178,7 @@ def _rope_theta(tc) -> float:
     return float(theta if theta is not None else 10000.0)
 
 
-def _write_text(ck: _Checkpoint, tc, path: Path, name: str, dtype: str, vocab) -> None:
+def _write_text(ck: _Checkpoint, tc, path: Path, name: str, dtype: str, vocab, prompt_template=None) -> None:
     import gguf
 
     if tc.model_type != "llama":
@@ -199,6 +199,10 @@ def _write_text(ck: _Checkpoint, tc, path: Path, name: str, dtype: str, vocab) -
                    ("token_scores", scores), ("token_types", types), ("add_bos_token", True),
                    ("add_eos_token", False), ("add_space_prefix", True)):
         getattr(w, f"add_{key}")(v)
+    if prompt_template is not None:
+        from .templates import GGUF_KEY, check_template
+
+        w.add_string(GGUF_KEY, check_template(prompt_template))
     if head_dim * n_head != n_embd:
         w.add_key_length(head_dim)
         w.add_value_length(head_dim)
@@ -313,8 +317,11 @@ def _write_mmproj(ck: _Checkpoint, cfg, path: Path, name: str, dtype: str, mean,
 
 
 def export_llava(hf_dir, out_dir, *, name: str, tokenizer_model=None, text_dtype: str = "f32",
-                 mmproj_dtype: str = "f16", image_mean=None, image_std=None) -> tuple[Path, Path]:
-    """Write ``{name}-{F32|F16}.gguf`` and ``{name}-mmproj-{F16|F32}.gguf`` into ``out_dir``."""
+                 mmproj_dtype: str = "f16", image_mean=None, image_std=None,
+                 prompt_template: str | None = None) -> tuple[Path, Path]:
+    """Write ``{name}-{F32|F16}.gguf`` and ``{name}-mmproj-{F16|F32}.gguf`` into ``out_dir``.
+    ``prompt_template``: the template the model was trained with, stored in the text GGUF
+    (``vhr_edge.prompt_template``) when it is not LLaVA-1.5's."""
     from transformers import AutoConfig
 
     for what, v in (("text_dtype", text_dtype), ("mmproj_dtype", mmproj_dtype)):
@@ -338,7 +345,7 @@ def export_llava(hf_dir, out_dir, *, name: str, tokenizer_model=None, text_dtype
     # the mmproj first: its checks (tower kind, CLS vs strategy) fail before the big file is written
     _write_mmproj(ck, cfg, mmproj_path, f"{name} mmproj", mmproj_dtype,
                   image_mean or mean, image_std or std)
-    _write_text(ck, cfg.text_config, text_path, name, text_dtype, vocab)
+    _write_text(ck, cfg.text_config, text_path, name, text_dtype, vocab, prompt_template)
     return text_path, mmproj_path
 
 

@@ -169,6 +169,7 @@ def write_text_model(
     spec: TinySpec,
     *,
     attn_output_scale: dict[int, tuple[list[int], float]] | None = None,
+    attn_v_scale: dict[int, float] | None = None,
 ) -> Path:
     """Write the llama-architecture text model to ``path``.
 
@@ -179,6 +180,10 @@ def write_text_model(
     output by ``alpha`` -- the oracle for head-scaling interventions.  In ggml
     that tensor has ``ne0`` = input features, ``ne1`` = outputs; the numpy array
     is ``(out, in)``, so the scaled slice is ``W[:, h*hd:(h+1)*hd]``.
+
+    ``attn_v_scale={layer: c}`` multiplies ``blk.{layer}.attn_v.weight`` by ``c``: that layer's
+    head outputs scale by ``c`` (and VHR's squared scores D, TA by ``c**2``), e.g. to build a
+    layer whose std(D) falls under the outlier rule's guard.
     """
     import gguf
 
@@ -193,7 +198,11 @@ def write_text_model(
             if not 0 <= h < spec.n_head:
                 raise ValueError(f"attn_output_scale: head {h} out of range")
 
+    v_scale = dict(attn_v_scale or {})
+
     def stored(name: str, arr: np.ndarray) -> np.ndarray:
+        if name.endswith(".attn_v.weight") and int(name.split(".")[1]) in v_scale:
+            arr = arr * np.float32(v_scale[int(name.split(".")[1])])
         if name.endswith(".attn_output.weight") and int(name.split(".")[1]) in scale:
             heads, alpha = scale[int(name.split(".")[1])]
             for h in heads:

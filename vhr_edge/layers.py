@@ -6,8 +6,10 @@ from .errors import ConfigError
 
 
 def auto_layers(n_layer: int) -> list[int]:
-    """Layer 1 plus the last round(14 * n_layer / 32) layers (1, 18..31 for 32 layers)."""
-    n_last = int(14 * n_layer / 32 + 0.5)  # round half up, as the C++ core does
+    """The paper rule as released: layer 1 plus the last 14 layers (1, 18..31 for 32 layers;
+    1, 26..39 for 40); models shallower than 16 layers keep the proportion: layer 1 plus the
+    last round(14 * n_layer / 32) (8 layers: 1, 4..7)."""
+    n_last = 14 if n_layer >= 16 else int(14 * n_layer / 32 + 0.5)  # round half up, as the C++ core does
     layers = set(range(max(0, n_layer - n_last), n_layer))
     if n_layer > 1:
         layers.add(1)

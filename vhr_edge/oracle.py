@@ -1,8 +1,10 @@
 """An independent PyTorch reference of VHR (VHR_SPEC.md) on a Hugging Face ``LlamaForCausalLM``.
 
 It shares no code with the native engine: the text model is rebuilt in transformers from
-the same GGUF, the head scores / outlier rule / median selection are written here from
-the spec, and the heads are scaled by forward pre-hooks on each layer's
+the same GGUF, the text-only reference pass, the head scores / outlier rule / median
+selection are written here from the spec in torch (as the authors' released code computes
+them: squared VHD, ``torch.std`` with its ``> 1`` guard, ``torch.median``), and the heads are
+scaled by forward pre-hooks on each layer's
 ``self_attn.o_proj`` (whose input is the per-head attention output, head ``i`` = features
 ``i*head_dim .. (i+1)*head_dim-1``, the tensor llama.cpp calls ``kqv_out-<l>``).
 
@@ -122,45 +124,52 @@ def load_hf_llama_from_gguf(path, loader: str = "transformers"):
     return model.eval()
 
 
-def select_heads(vhd: np.ndarray, ta: np.ndarray, outlier_rule: bool = True) -> list[int]:
-    """VHR_SPEC sections 2-3 for one layer: outlier rule (population std), then VHD > median."""
-    v = np.asarray(vhd, np.float64).copy()
-    t = np.asarray(ta, np.float64)
-    if outlier_rule:
-        v[(v > v.mean() + v.std()) & (t > t.mean() + t.std())] = 0.0
-    return [int(i) for i in np.flatnonzero(v > np.median(v))]
+def select_heads(d, ta, outlier_rule: bool = True) -> list[int]:
+    """VHR_SPEC 2-3 for one layer, as the released code does it in torch: D and TA squared,
+    the outlier rule only when ``torch.std(D) > 1`` (unbiased std), then ``D > torch.median(D)``."""
+    import torch
+
+    d = torch.as_tensor(np.asarray(d, np.float64)).clone()
+    ta = torch.as_tensor(np.asarray(ta, np.float64))
+    if outlier_rule and d.std() > 1:
+        out = (d > d.mean() + d.std()) & (ta > ta.mean() + ta.std())
+        d[out] = 0
+    return [int(i) for i in (d > d.median()).nonzero().flatten()]
 
 
 class _Hooks:
-    """State shared by the o_proj pre-hooks: 'score' (prefill of both prompts) or 'scale'."""
+    """State shared by the o_proj pre-hooks: 'record' (the text-only pass), 'score' (the image
+    prefill: score against R, select, scale) or 'scale' (decoding)."""
 
     def __init__(self, n_layer, n_head, alpha, outlier_rule):
         self.mode = None
         self.n_head, self.alpha, self.outlier_rule = n_head, alpha, outlier_rule
+        self.ref: dict[int, "object"] = {}  # R[l]: [n_head, head_dim] at the text-only prompt's last position
         self.heads: dict[int, list[int]] = {}
-        self.vhd = np.zeros((n_layer, n_head), np.float32)
+        self.d = np.zeros((n_layer, n_head), np.float32)
         self.ta = np.zeros((n_layer, n_head), np.float32)
-        self.last = (0, 0)  # last real position of seq 0 (image prompt) and seq 1 (text-only)
 
     def hook(self, layer):
         import torch
 
         def pre(module, args):
             x = args[0]
-            B, T, D = x.shape
-            hd = D // self.n_head
+            hd = x.shape[-1] // self.n_head
+            if self.mode == "record":
+                self.ref[layer] = x[0, -1].reshape(self.n_head, hd).double().clone()
+                return None  # the reference is never reinforced
             if self.mode == "score":
-                a = x[0, self.last[0]].reshape(self.n_head, hd).double()
-                b = x[1, self.last[1]].reshape(self.n_head, hd).double()
-                self.vhd[layer] = torch.linalg.vector_norm(a - b, dim=-1).numpy()
-                self.ta[layer] = (b * b).sum(-1).numpy()
-                self.heads[layer] = select_heads(self.vhd[layer], self.ta[layer], self.outlier_rule)
+                a = x[0, -1].reshape(self.n_head, hd).double()
+                r = self.ref[layer]
+                self.d[layer] = ((a - r) ** 2).sum(-1).numpy()
+                self.ta[layer] = (r ** 2).sum(-1).numpy()
+                self.heads[layer] = select_heads(self.d[layer], self.ta[layer], self.outlier_rule)
             heads = self.heads.get(layer, [])
             if self.mode is None or not heads:
                 return None
             scale = torch.ones(self.n_head, dtype=x.dtype)
             scale[heads] = self.alpha
-            return (x * scale.repeat_interleave(hd),) + args[1:]  # every position, both sequences
+            return (x * scale.repeat_interleave(hd),) + args[1:]  # every position of the image prompt
 
         return pre
 
@@ -168,22 +177,20 @@ class _Hooks:
 def vhr_reference(model, prefix_ids: Sequence[int], image_rows, suffix_ids: Sequence[int], *,
                   layers: Sequence[int], alpha: float = 2.0, outlier_rule: bool = True,
                   n_predict: int = 32, vhr: bool = True, eos_id: Optional[int] = None) -> dict:
-    """VHR (or plain greedy decoding with ``vhr=False``) of one image prompt.
+    """VHR as released (or plain greedy decoding with ``vhr=False``) of one image prompt.
 
-    The image prompt is ``prefix + image_rows + suffix`` (embeddings: token rows from the
-    model's table, image rows as given); the text-only prompt is ``prefix + suffix`` with
-    contiguous positions.  Both go through ONE batched forward (right padding + attention
-    mask); at each layer of ``layers`` the o_proj pre-hook scores the heads at the last real
-    position of each sequence, selects, and scales the selected heads at every position of
-    both sequences before o_proj, so higher layers see lower layers already reinforced.
+    1. The text-only prompt ``prefix + suffix`` (contiguous positions) runs alone; o_proj
+       pre-hooks record each VHR layer's input at its last position (R), nothing is scaled.
+    2. The image prompt ``prefix + image_rows + suffix`` (token rows from the model's table,
+       image rows as given) runs with a KV cache; at each VHR layer the pre-hook scores the
+       last position against R (D squared, TA), selects (``select_heads``) and scales the
+       selected heads at every position before o_proj, so higher layers see lower ones
+       reinforced. Its logits choose the first token.
+    3. Greedy decoding with the same heads scaled for every new token; stops at ``eos_id``
+       (default: the config's), which is not included.
 
-    Decoding (greedy, seq 0 only): the heads are fixed; the image prompt is replayed alone
-    with the same heads scaled to build a KV cache (seq 0's rows of the batch never see
-    seq 1, so this cache equals the batch's seq-0 cache), then each new token is scaled the
-    same way.  Stops at ``eos_id`` (default: the config's), which is not included.
-
-    Returns {"vhd", "ta" (n_layer x n_head float32, zero rows for unscored layers),
-    "selected_heads" {layer: [heads]}, "first_logits" (float32), "tokens"}.
+    Returns {"vhd" (sqrt(D)), "d", "ta" (n_layer x n_head float32, zero rows for unscored
+    layers), "selected_heads" {layer: [heads]}, "first_logits" (float32), "tokens"}.
     """
     import torch
 
@@ -193,6 +200,8 @@ def vhr_reference(model, prefix_ids: Sequence[int], image_rows, suffix_ids: Sequ
     layers = sorted(set(int(l) for l in layers)) if vhr else []
     state = _Hooks(n_layer, n_head, float(alpha), outlier_rule)
     handles = [model.model.layers[l].self_attn.o_proj.register_forward_pre_hook(state.hook(l)) for l in layers]
+    # transformers 5 renamed past_key_values to cache (kwarg and output field)
+    key = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
     try:
         with torch.no_grad():
             emb = model.get_input_embeddings()
@@ -202,23 +211,13 @@ def vhr_reference(model, prefix_ids: Sequence[int], image_rows, suffix_ids: Sequ
             seq0 = torch.cat([pre, img, suf])
             L0 = seq0.shape[0]
             if vhr:
-                seq1 = torch.cat([pre, suf])
-                L1 = seq1.shape[0]
-                embeds = torch.zeros(2, L0, seq0.shape[1])
-                embeds[0], embeds[1, :L1] = seq0, seq1
-                mask = torch.zeros(2, L0, dtype=torch.long)
-                mask[0], mask[1, :L1] = 1, 1
-                pos = torch.arange(L0).repeat(2, 1)
-                state.mode, state.last = "score", (L0 - 1, L1 - 1)
-                out = model(inputs_embeds=embeds, attention_mask=mask, position_ids=pos, use_cache=False)
-                first = out.logits[0, L0 - 1].float()
+                state.mode = "record"
+                model(inputs_embeds=torch.cat([pre, suf])[None], use_cache=False)
+                state.mode = "score"
+            out = model(inputs_embeds=seq0[None], use_cache=True)
+            first = out.logits[0, L0 - 1].float()
+            if vhr:
                 state.mode = "scale"  # the heads are fixed from here on
-                out = model(inputs_embeds=seq0[None], use_cache=True)
-            else:
-                out = model(inputs_embeds=seq0[None], use_cache=True)
-                first = out.logits[0, L0 - 1].float()
-            # transformers 5 renamed past_key_values to cache (kwarg and output field)
-            key = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
             cache = getattr(out, key)
             tokens: list[int] = []
             tok = int(torch.argmax(first))
@@ -235,7 +234,8 @@ def vhr_reference(model, prefix_ids: Sequence[int], image_rows, suffix_ids: Sequ
         for h in handles:
             h.remove()
     return {
-        "vhd": state.vhd,
+        "vhd": np.sqrt(state.d),
+        "d": state.d,
         "ta": state.ta,
         "selected_heads": {l: list(state.heads.get(l, [])) for l in layers},
         "first_logits": first.numpy().astype(np.float32),

@@ -47,12 +47,18 @@ class Profile:
     calibration: dict
     metrics: dict = field(default_factory=dict)
     vhr_edge_version: str = ""
+    # The template the model was trained with, when it is not LLaVA-1.5's (templates.py); the
+    # session uses it for the model beside the profile.
+    prompt_template: Optional[str] = None
     path: Optional[Path] = None  # where it was read from (not stored)
 
     def to_json(self) -> dict:
-        return {"format": FORMAT, "model": self.model, "layers": list(self.layers), "alpha": self.alpha,
-                "objective": self.objective, "calibration": self.calibration, "metrics": self.metrics,
-                "vhr_edge_version": self.vhr_edge_version}
+        d = {"format": FORMAT, "model": self.model, "layers": list(self.layers), "alpha": self.alpha,
+             "objective": self.objective, "calibration": self.calibration, "metrics": self.metrics,
+             "vhr_edge_version": self.vhr_edge_version}
+        if self.prompt_template is not None:
+            d["prompt_template"] = self.prompt_template
+        return d
 
 
 def profile_for_model(model_path: PathLike) -> Path:
@@ -109,8 +115,14 @@ def profile_from_json(d, where: str = "profile", n_layer: Optional[int] = None) 
         raise ConfigError(f"{where}: 'calibration' lacks {', '.join(missing)}")
     if not isinstance(d["metrics"], dict):
         raise ConfigError(f"{where}: 'metrics' must be an object")
+    template = d.get("prompt_template")
+    if template is not None:
+        from .templates import check_template
+
+        check_template(template, f"{where}: 'prompt_template'")
     return Profile(model=d["model"], layers=sorted(layers), alpha=float(alpha), objective=d["objective"],
-                   calibration=cal, metrics=d["metrics"], vhr_edge_version=str(d["vhr_edge_version"]))
+                   calibration=cal, metrics=d["metrics"], vhr_edge_version=str(d["vhr_edge_version"]),
+                   prompt_template=template)
 
 
 def load_profile(path: PathLike, n_layer: Optional[int] = None, model_path: Optional[PathLike] = None) -> Profile:

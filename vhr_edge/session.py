@@ -11,7 +11,9 @@
                 print(piece, end="", flush=True)
         print(st.result.timings.tokens_per_s)        # then the whole CaptionResult
 
-Each caption clears the KV cache first, so nothing leaks from one image to the next.
+Each caption clears the KV cache first, so nothing leaks from one image to the next. The
+text-only reference VHR scores against (VHR_SPEC 1) is computed once per prompt and layer set
+and cached in the session, so a stream of images with one prompt pays for it once.
 """
 
 from __future__ import annotations
@@ -32,6 +34,8 @@ from .engine import load as load_engine
 from .errors import ConfigError, ModelError, VhrEdgeError
 from .images import ImageSource, describe, load_image
 from .layers import parse_layers
+from .templates import GGUF_KEY as TEMPLATE_GGUF_KEY
+from .templates import model_template, resolve_template
 
 
 @dataclass
@@ -45,7 +49,10 @@ class VhrConfig:
     head_mode: str = "vhd"  # "vhd" or "random" (the same number of random heads: a control)
     random_seed: int = 0
     forced_heads: Optional[dict[int, list[int]]] = None  # layer -> heads, bypassing VHD
-    share_prefix: bool = True  # shared prefix rows carry both sequence ids (False: repeat them; tests)
+    # Where the text-only head outputs come from: "released" (a separate unscaled pass, cached
+    # per prompt; the authors' code) or "joint" (both prompts in one batch, both scaled: this
+    # project's earlier variant, kept for ablations).
+    reference: str = "released"
     fold_weights: bool = True  # decode with the heads folded into W_o where exact (same results, faster)
 
 
@@ -62,6 +69,7 @@ class GenerationConfig:
 @dataclass
 class Timings:
     image_encode_ms: float
+    reference_ms: float  # the text-only reference pass; 0 when it came from the cache
     prefill_ms: float
     decode_ms: float
     total_ms: float
@@ -82,6 +90,8 @@ class VhrReport:
     ta: np.ndarray  # n_layer x n_head
     decode_scaling: str = ""  # "weights" (folded into W_o), "callback", or "" without VHR
     fold_note: str = ""  # with "callback": why the weights were not folded
+    reference: str = ""  # "released" or "joint" ("" without VHR)
+    reference_cached: bool = False  # the text-only reference came from the session's cache
 
 
 @dataclass
@@ -113,6 +123,8 @@ class CaptionResult:
                 "layers": v.layers,
                 "selected_heads": {str(k): list(h) for k, h in v.selected_heads.items()},
                 "decode_scaling": v.decode_scaling,
+                "reference": v.reference,
+                "reference_cached": v.reference_cached,
             },
             "timings": asdict(self.timings),
         }
@@ -152,7 +164,11 @@ class Session:
         flash_attn: Optional[bool] = None,
         verbose: bool = False,
         prompt_template: Optional[str] = None,
+        reference_cache_size: int = 16,
     ):
+        """prompt_template: a template name (llava-1.5, vicuna-system) or text with "<image>"
+        once and "{prompt}" at most once; default: the model's own (templates.model_template).
+        reference_cache_size: text-only references kept (one per prompt and layer set)."""
         self._engine = load_engine()
         self.model_path = _check_file(model, "model")
         self.mmproj_path = _check_file(mmproj, "mmproj")
@@ -161,10 +177,15 @@ class Session:
             self._runner = self._engine.Runner(
                 self.model_path, self.mmproj_path, n_threads=n_threads, n_gpu_layers=n_gpu_layers,
                 n_ctx=n_ctx, flash_attn=fa, verbose=verbose, n_threads_batch=n_threads_batch,
+                reference_cache_size=max(1, int(reference_cache_size)),
             )
         except self._engine.EngineError as e:
             raise ModelError(str(e)) from None
-        self.prompt_template = prompt_template or self._engine.DEFAULT_TEMPLATE
+        if prompt_template is not None:
+            self.prompt_template, self.template_source = resolve_template(prompt_template), "given"
+        else:
+            self.prompt_template, self.template_source = model_template(
+                self.model_path, self._runner.metadata(TEMPLATE_GGUF_KEY))
         self.info = self._runner.info()
         self._lock = threading.Lock()
 
@@ -228,7 +249,7 @@ class Session:
                     vhr=vcfg.enabled, alpha=vcfg.alpha, layers=layers, outlier_rule=vcfg.outlier_rule,
                     head_mode=vcfg.head_mode, random_seed=vcfg.random_seed,
                     forced_heads={int(k): list(v) for k, v in (vcfg.forced_heads or {}).items()},
-                    share_prefix=vcfg.share_prefix, trace=trace, forced_tokens=list(forced_tokens or []),
+                    reference=vcfg.reference, trace=trace, forced_tokens=list(forced_tokens or []),
                     fold_weights=vcfg.fold_weights, on_token=on_token,
                 )
             except self._engine.EngineError as e:
@@ -247,6 +268,8 @@ class Session:
                 ta=raw["ta"],
                 decode_scaling=raw["decode_scaling"],
                 fold_note=raw["fold_note"],
+                reference=raw["reference"],
+                reference_cached=bool(raw["reference_cached"]),
             ),
             timings=Timings(**raw["timings"], image_load_ms=load_ms),
             first_logits=raw["first_logits"] if keep_logits else None,
@@ -274,6 +297,8 @@ class Session:
             raise ConfigError(f"alpha must be a number > 0, got {v.alpha}")
         if v.head_mode not in ("vhd", "random"):
             raise ConfigError(f"head_mode must be 'vhd' or 'random', got {v.head_mode!r}")
+        if v.reference not in ("released", "joint"):
+            raise ConfigError(f"the VHD reference must be 'released' or 'joint', got {v.reference!r}")
         for layer, heads in (v.forced_heads or {}).items():
             if not 0 <= int(layer) < self.n_layer:
                 raise ConfigError(f"layer {layer} is outside the model (it has layers 0..{self.n_layer - 1})")
@@ -286,6 +311,15 @@ class Session:
             raise ConfigError(f"temperature must be finite, got {g.temp}")
         if not 0.0 < g.top_p <= 1.0:
             raise ConfigError(f"top_p must be in (0, 1], got {g.top_p}")
+
+    def clear_reference_cache(self) -> None:
+        """Forget the cached text-only references (they are recomputed on the next caption)."""
+        with self._lock:
+            self._runner.clear_reference_cache()
+
+    @property
+    def reference_cache_entries(self) -> int:
+        return self._runner.reference_cache_entries()
 
     def close(self) -> None:
         """Free the model and contexts now (otherwise when the session is collected)."""

@@ -23,6 +23,7 @@ from pathlib import Path
 
 from ..export import export_llava
 from ..fixtures import quantize
+from ..templates import VICUNA_SYSTEM
 from .card import shipped_files
 from .evaluate import EVAL_SEED, evaluate
 
@@ -43,7 +44,7 @@ def export_models(run: Path, models: Path) -> dict[str, Path]:
     save_f16_checkpoint(run, hf)
     out = {}
     with tempfile.TemporaryDirectory() as tmp:
-        text32, mmproj = export_llava(hf, tmp, name="testbed", tokenizer_model=hf / "tokenizer.model",
+        text32, mmproj = export_llava(hf, tmp, name="testbed", tokenizer_model=hf / "tokenizer.model", prompt_template=VICUNA_SYSTEM,
                                       text_dtype="f32", mmproj_dtype="f16")
         out["F16"] = quantize(text32, models / "testbed-f16.gguf", "F16")
         for ftype, name in QUANTS.items():
