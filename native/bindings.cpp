@@ -1,4 +1,6 @@
 // pybind11 bindings: vhr_edge._engine. The only file here that knows about Python.
+#include <exception>
+
 #include <pybind11/numpy.h>
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
@@ -166,7 +168,7 @@ PYBIND11_MODULE(_engine, m) {
                 bool ignore_eos, bool keep_logits, bool vhr_enabled, float alpha, std::vector<int> layers,
                 bool outlier_rule, std::string head_mode, uint32_t random_seed,
                 std::map<int, std::vector<int>> forced_heads, std::string reference, bool trace,
-                std::vector<int32_t> forced_tokens, bool fold_weights) {
+                std::vector<int32_t> forced_tokens, bool fold_weights, py::object on_token) {
                  if (rgb.ndim() != 3 || rgb.shape(2) != 3) throw std::runtime_error("image must be an HxWx3 uint8 array");
                  vhr::GenParams g;
                  g.n_predict = n_predict;
@@ -188,12 +190,33 @@ PYBIND11_MODULE(_engine, m) {
                  v.forced_heads = std::move(forced_heads);
                  v.reference = std::move(reference);
                  v.fold_weights = fold_weights;
+                 // on_token(token, piece) runs on the engine's thread, which holds the GIL only
+                 // inside the call. Returning False (None means go on) stops the caption; an
+                 // exception stops it too and is raised from caption() once the engine is done.
+                 std::exception_ptr callback_error;
+                 if (!on_token.is_none()) {
+                     g.on_token = [&on_token, &callback_error](int32_t token, const std::string & piece) {
+                         py::gil_scoped_acquire gil;
+                         if (callback_error) return false;
+                         try {
+                             py::object go = on_token(token, utf8_lossy(piece));
+                             if (go.is_none()) return true;
+                             const int truth = PyObject_IsTrue(go.ptr());
+                             if (truth < 0) throw py::error_already_set();
+                             return truth != 0;
+                         } catch (...) {
+                             callback_error = std::current_exception();
+                             return false;
+                         }
+                     };
+                 }
                  const vhr::RgbImage img = {rgb.data(), (uint32_t) rgb.shape(1), (uint32_t) rgb.shape(0)};
                  vhr::Result r;
                  {
                      py::gil_scoped_release release;
                      r = self.caption(img, prompt, prompt_template, g, v);
                  }
+                 if (callback_error) std::rethrow_exception(callback_error);
                  return to_dict(r);
              },
              py::arg("rgb"), py::arg("prompt"), py::arg("prompt_template") = vhr::Runner::default_template(),
@@ -203,5 +226,5 @@ PYBIND11_MODULE(_engine, m) {
              py::arg("outlier_rule") = true, py::arg("head_mode") = "vhd", py::arg("random_seed") = 0,
              py::arg("forced_heads") = std::map<int, std::vector<int>>{}, py::arg("reference") = "released",
              py::arg("trace") = false, py::arg("forced_tokens") = std::vector<int32_t>{},
-             py::arg("fold_weights") = true);
+             py::arg("fold_weights") = true, py::arg("on_token") = py::none());
 }

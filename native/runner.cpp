@@ -120,6 +120,66 @@ struct Batch {
     ~Batch() { llama_batch_free(b); }
 };
 
+
+// ---- text: the caption is the detokenized tokens (specials removed), trimmed of whitespace
+const char * const kSpace = " \n\t";
+
+std::string detokenize(const llama_vocab * vocab, const std::vector<llama_token> & tokens) {
+    std::string out(tokens.size() * 16 + 16, '\0');
+    int32_t n = llama_detokenize(vocab, tokens.data(), (int32_t) tokens.size(), &out[0], (int32_t) out.size(),
+                                 /*remove_special =*/ true, /*unparse_special =*/ false);
+    if (n < 0) {
+        out.resize((size_t) -n);
+        n = llama_detokenize(vocab, tokens.data(), (int32_t) tokens.size(), &out[0], (int32_t) out.size(), true, false);
+    }
+    out.resize((size_t) std::max(n, 0));
+    return out;
+}
+
+std::string trimmed(const std::string & s) {
+    const size_t first = s.find_first_not_of(kSpace);
+    return first == std::string::npos ? "" : s.substr(first, s.find_last_not_of(kSpace) - first + 1);
+}
+
+// Bytes at the end of s that start a UTF-8 sequence they do not complete (0 if none).
+size_t incomplete_utf8_tail(const std::string & s) {
+    const size_t n = s.size();
+    for (size_t k = 1; k <= std::min<size_t>(3, n); ++k) {
+        const unsigned char c = (unsigned char) s[n - k];
+        if ((c & 0xC0) == 0x80) continue;  // a continuation byte: look further back
+        const size_t need = (c & 0xE0) == 0xC0 ? 2 : (c & 0xF0) == 0xE0 ? 3 : (c & 0xF8) == 0xF0 ? 4 : 1;
+        return need > k ? k : 0;
+    }
+    return 0;
+}
+
+// GenParams::on_token's pieces: what the tokens so far add to the caption text, holding back a
+// trailing incomplete UTF-8 sequence and trailing whitespace (the final text is trimmed).
+class TextStream {
+public:
+    explicit TextStream(const llama_vocab * vocab) : vocab_(vocab) {}
+    std::string next(const std::vector<llama_token> & tokens) {
+        std::string s = detokenize(vocab_, tokens);
+        s.erase(0, std::min(s.size(), s.find_first_not_of(kSpace)));
+        s.resize(s.size() - incomplete_utf8_tail(s));
+        const size_t last = s.find_last_not_of(kSpace);
+        s.resize(last == std::string::npos ? 0 : last + 1);
+        return take(s);
+    }
+    std::string rest(const std::string & text) { return take(text); }  // when generation ended
+private:
+    std::string take(const std::string & s) {
+        // detokenizing one more token only appends for SPM/BPE vocabularies; if it ever rewrote
+        // the past, wait until the text catches up again
+        if (s.size() <= sent_.size() || s.compare(0, sent_.size(), sent_) != 0) return "";
+        std::string piece = s.substr(sent_.size());
+        sent_ = s;
+        return piece;
+    }
+    const llama_vocab * vocab_;
+    std::string sent_;
+};
+
 }  // namespace
 
 // ---------------------------------------------------------------------------------------
@@ -584,9 +644,11 @@ Result Runner::caption(const RgbImage & image, const std::string & prompt,
     const int per_step = gen.trace ? 2 : 1;
     const int n_max = n_forced ? (int) std::min<size_t>(n_forced, (size_t) gen.n_predict) : gen.n_predict;
     r.stop_reason = "length";
+    TextStream stream(m.vocab);
     while (true) {
         if (!n_forced && !gen.ignore_eos && llama_vocab_is_eog(m.vocab, tok)) { r.stop_reason = "eos"; break; }
         r.tokens.push_back(tok);
+        if (gen.on_token && !gen.on_token(tok, stream.next(r.tokens))) { r.stop_reason = "cancelled"; break; }
         if ((int) r.tokens.size() >= n_max) break;
         if (cells + per_step > m.p.n_ctx) { r.stop_reason = "context"; break; }
         cells += per_step;
@@ -623,17 +685,11 @@ Result Runner::caption(const RgbImage & image, const std::string & prompt,
     for (const auto & row : trace) r.trace.insert(r.trace.end(), row.begin(), row.end());
 
     // ---- text
-    std::string out(r.tokens.size() * 16 + 16, '\0');
-    int32_t n = llama_detokenize(m.vocab, r.tokens.data(), (int32_t) r.tokens.size(), &out[0], (int32_t) out.size(),
-                                 /*remove_special =*/ true, /*unparse_special =*/ false);
-    if (n < 0) {
-        out.resize((size_t) -n);
-        n = llama_detokenize(m.vocab, r.tokens.data(), (int32_t) r.tokens.size(), &out[0], (int32_t) out.size(), true, false);
+    r.text = trimmed(detokenize(m.vocab, r.tokens));
+    if (gen.on_token) {
+        const std::string held = stream.rest(r.text);
+        if (!held.empty()) gen.on_token(-1, held);
     }
-    out.resize((size_t) std::max(n, 0));
-    const size_t first = out.find_first_not_of(" \n\t");
-    const size_t last = out.find_last_not_of(" \n\t");
-    r.text = first == std::string::npos ? "" : out.substr(first, last - first + 1);
 
     r.n_layer = m.n_layer;
     r.n_head = m.n_head;

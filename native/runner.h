@@ -11,6 +11,7 @@
 #pragma once
 
 #include <cstdint>
+#include <functional>
 #include <map>
 #include <memory>
 #include <string>
@@ -70,6 +71,13 @@ struct GenParams {
     bool     trace       = false;
     // Teacher forcing: generate exactly these tokens (e.g. to trace a given caption).
     std::vector<int32_t> forced_tokens;
+    // Streaming: called in the decode loop once per generated token, in order, with its id and
+    // the text it adds to Result::text. Pieces are UTF-8 safe (an incomplete multi-byte sequence
+    // and trailing whitespace are held back until what follows completes them), so the pieces
+    // joined equal Result::text; a last call with token -1 delivers whatever is still held back
+    // when generation ends (its return value is ignored). Return false to stop generating:
+    // stop_reason "cancelled"; the session stays usable (W_o unfolded as on any other exit).
+    std::function<bool(int32_t token, const std::string & piece)> on_token;
 };
 
 struct Timings {
@@ -85,7 +93,7 @@ struct Timings {
 struct Result {
     std::string text;
     std::vector<int32_t> tokens;
-    std::string stop_reason;             // "eos", "length", "context"
+    std::string stop_reason;             // "eos", "length", "context", "cancelled" (on_token said stop)
     int n_layer = 0, n_head = 0;
     std::vector<int> layers;             // the VHR layer set (empty when disabled)
     std::map<int, std::vector<int>> selected_heads;

@@ -113,6 +113,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_vhr_args(cap)
     _add_gen_args(cap)
     cap.add_argument("--json", action="store_true", help="one JSON object per image on stdout (JSON lines)")
+    cap.add_argument("--stream", action="store_true",
+                     help="print the caption as it is generated, token by token (ignored with --json)")
     cap.set_defaults(func=cmd_caption)
 
     srv = sub.add_parser("serve", help="OpenAI-style HTTP captioner (POST /v1/chat/completions, GET /health)")
@@ -248,9 +250,13 @@ def cmd_caption(args) -> int:
     vhr, gen = configs(args)
     session = open_session(args)
     failures = 0
+    streaming = args.stream and not args.json
     for image in args.images:
         try:
-            r = session.caption(image, args.prompt, vhr=vhr, gen=gen)
+            if streaming:
+                r = _stream_caption(session, image, args, vhr, gen, header=len(args.images) > 1)
+            else:
+                r = session.caption(image, args.prompt, vhr=vhr, gen=gen)
         except ImageError as e:  # a bad image fails alone; the others still get captioned
             failures += 1
             print(f"vhr-edge: error: {e}", file=sys.stderr, flush=True)
@@ -258,14 +264,31 @@ def cmd_caption(args) -> int:
         if args.json:
             print(json.dumps(r.to_json()), flush=True)
         else:
-            if len(args.images) > 1:
+            if len(args.images) > 1 and not streaming:
                 print(f"== {image}")
-            print(r.text, flush=True)
+            if not streaming:
+                print(r.text, flush=True)
             t = r.timings
             mode = (f"VHR alpha {r.vhr.alpha:g} layers {format_layers(r.vhr.layers)}" if r.vhr.enabled else "no VHR")
             print(f"[{mode} | {r.n_tokens} tokens ({r.stop_reason}) | encode {t.image_encode_ms:.0f} ms, "
                   f"prefill {t.prefill_ms:.0f} ms, decode {t.tokens_per_s:.1f} tok/s]", file=sys.stderr, flush=True)
     return EXIT_ERROR if failures else 0
+
+
+def _stream_caption(session, image, args, vhr, gen, header: bool):
+    """Print the caption's pieces as they come (like llama-mtmd-cli); return the CaptionResult."""
+    started = False
+    with session.stream(image, args.prompt, vhr=vhr, gen=gen) as st:
+        for piece in st:
+            if not started and header:
+                print(f"== {image}", flush=True)
+            started = True
+            sys.stdout.write(piece)
+            sys.stdout.flush()
+    if header and not started:
+        print(f"== {image}")
+    print(flush=True)
+    return st.result
 
 
 def cmd_serve(args) -> int:

@@ -13,6 +13,12 @@ VHR profile (--profile FILE or the one beside the GGUF), else alpha 2 and layers
 One engine thread captions requests in arrival order; at most `max_queue` wait behind it,
 the next one gets 429. Bodies above `max_body` bytes and images above `max_pixels` get 413.
 Errors use OpenAI's shape: {"error": {"message", "type", "code"}}.
+
+"stream": true answers text/event-stream in OpenAI's chat.completion.chunk format (serve_stream.py):
+the assistant role, content deltas as tokens are made, a last chunk with finish_reason and the
+"vhr" and "timings" blocks, the usage chunk with stream_options.include_usage, `data: [DONE]`.
+Errors found before the first token keep their HTTP status; a client that disconnects stops
+its caption at the next token (/health counts them in "cancelled").
 """
 
 from __future__ import annotations
@@ -52,9 +58,23 @@ class Job:
     prompt: str
     vhr: VhrConfig
     gen: GenerationConfig
+    stream: bool = False
+    include_usage: bool = False
     done: threading.Event = field(default_factory=threading.Event)
     result: Any = None
     error: Optional[HttpError] = None
+    # streaming: the engine puts each token's text piece here (possibly ""), then None at the end
+    events: "queue.Queue[Optional[str]]" = field(default_factory=queue.Queue)
+    cancel: threading.Event = field(default_factory=threading.Event)  # the client went away
+
+    def on_token(self, token: int, piece: str) -> bool:
+        if token >= 0 or piece:
+            self.events.put(piece)
+        return not self.cancel.is_set()
+
+    def finish(self) -> None:
+        self.done.set()
+        self.events.put(None)
 
 
 class CaptionService:
@@ -65,17 +85,24 @@ class CaptionService:
         self.jobs: "queue.Queue[Optional[Job]]" = queue.Queue(maxsize=max_queue)
         self.max_queue = max_queue
         self.served = 0
+        self.cancelled = 0  # streamed captions stopped early because their client went away
+        self.busy = False
+        self.last: Optional[dict] = None  # the last caption's stop_reason and completion_tokens
         self._stopping = threading.Event()
         self._worker = threading.Thread(target=self._run, name="vhr-edge-engine", daemon=True)
         self._worker.start()
 
-    def submit(self, job: Job, timeout: float = 600.0) -> Job:
+    def enqueue(self, job: Job) -> Job:
         if self._stopping.is_set():
             raise HttpError(503, "server is shutting down", "shutting_down")
         try:
             self.jobs.put_nowait(job)
         except queue.Full:
             raise HttpError(429, f"busy: {self.max_queue} requests already waiting; retry later", "queue_full") from None
+        return job
+
+    def submit(self, job: Job, timeout: float = 600.0) -> Job:
+        self.enqueue(job)
         if not job.done.wait(timeout):
             raise HttpError(504, "caption timed out", "timeout")
         if job.error:
@@ -87,10 +114,17 @@ class CaptionService:
             job = self.jobs.get()
             if job is None:
                 return
+            if job.cancel.is_set():  # a streaming client that left while it waited
+                job.finish()
+                continue
+            self.busy = True
             try:
                 rgb = load_image(job.image, max_pixels=MAX_PIXELS)
-                job.result = self.session.caption(rgb, job.prompt, vhr=job.vhr, gen=job.gen)
+                job.result = r = self.session.caption(rgb, job.prompt, vhr=job.vhr, gen=job.gen,
+                                                      on_token=job.on_token if job.stream else None)
                 self.served += 1
+                self.cancelled += r.stop_reason == "cancelled"
+                self.last = {"stop_reason": r.stop_reason, "completion_tokens": r.n_tokens}
             except ImageError as e:
                 status = 413 if "too large" in str(e) else 400
                 job.error = HttpError(status, str(e), "invalid_image")
@@ -99,7 +133,8 @@ class CaptionService:
             except Exception as e:  # a bug must not kill the worker
                 job.error = HttpError(500, f"internal error: {type(e).__name__}: {e}", "internal")
             finally:
-                job.done.set()
+                self.busy = False
+                job.finish()
 
     def stop(self) -> None:
         """Finish the caption in progress, refuse the rest (503), stop the worker."""
@@ -111,7 +146,7 @@ class CaptionService:
                 break
             if job is not None:
                 job.error = HttpError(503, "server is shutting down", "shutting_down")
-                job.done.set()
+                job.finish()
         self.jobs.put(None)
         self._worker.join(timeout=60)
 
@@ -212,24 +247,45 @@ def parse_request(body: dict, allow_local_files: bool, default_vhr: Optional[Vhr
     if not isinstance(layers, (str, list)):
         raise HttpError(400, "vhr.layers must be 'auto', 'all', '1,18-31' or a list of ints", "invalid_parameter")
     vhr = VhrConfig(enabled=bool(v.get("enabled", True)), alpha=float(alpha), layers=layers)
-    return Job(image=images[0], prompt=prompt, vhr=vhr, gen=gen)
+    stream = body.get("stream", False)
+    if stream is None:
+        stream = False
+    if not isinstance(stream, bool):
+        raise HttpError(400, "'stream' must be true or false", "invalid_parameter")
+    opts = body.get("stream_options") or {}
+    if not isinstance(opts, dict) or not isinstance(opts.get("include_usage", False), bool):
+        raise HttpError(400, "'stream_options' must be an object {\"include_usage\": true|false}", "invalid_parameter")
+    return Job(image=images[0], prompt=prompt, vhr=vhr, gen=gen, stream=stream,
+               include_usage=bool(opts.get("include_usage", False)))
+
+
+def finish_reason(r) -> str:
+    return "stop" if r.stop_reason == "eos" else "length"
+
+
+def usage(r) -> dict:
+    return {"prompt_tokens": r.timings.n_prompt_rows, "completion_tokens": r.n_tokens,
+            "total_tokens": r.timings.n_prompt_rows + r.n_tokens}
+
+
+def completion_id() -> str:
+    return f"chatcmpl-{uuid.uuid4().hex[:24]}"
 
 
 def completion_body(job: Job, model_name: str) -> dict:
     r = job.result
     out = r.to_json(include_matrices=False)
     return {
-        "id": f"chatcmpl-{uuid.uuid4().hex[:24]}",
+        "id": completion_id(),
         "object": "chat.completion",
         "created": int(time.time()),
         "model": model_name,
         "choices": [{
             "index": 0,
             "message": {"role": "assistant", "content": r.text},
-            "finish_reason": "stop" if r.stop_reason == "eos" else "length",
+            "finish_reason": finish_reason(r),
         }],
-        "usage": {"prompt_tokens": r.timings.n_prompt_rows, "completion_tokens": r.n_tokens,
-                  "total_tokens": r.timings.n_prompt_rows + r.n_tokens},
+        "usage": usage(r),
         "vhr": out["vhr"],
         "timings": out["timings"],
     }
@@ -280,7 +336,8 @@ class Handler(BaseHTTPRequestHandler):
         if path == "/health":
             s = self.service
             return self._send(200, {"status": "ok", "model": self.model_name, "queued": s.jobs.qsize(),
-                                    "max_queue": s.max_queue, "served": s.served})
+                                    "max_queue": s.max_queue, "busy": s.busy, "served": s.served,
+                                    "cancelled": s.cancelled, "last": s.last})
         if not self._authorized():
             return self._error(HttpError(401, "missing or wrong API key (Authorization: Bearer ...)", "invalid_api_key"))
         if path == "/v1/models":
@@ -302,8 +359,12 @@ class Handler(BaseHTTPRequestHandler):
                 payload = json.loads(body)
             except (UnicodeDecodeError, json.JSONDecodeError) as e:
                 raise HttpError(400, f"malformed JSON: {e}", "invalid_json") from None
-            job = self.service.submit(parse_request(payload, self.allow_local_files, self.default_vhr))
-            self._send(200, completion_body(job, self.model_name))
+            job = parse_request(payload, self.allow_local_files, self.default_vhr)
+            if job.stream:
+                from .serve_stream import stream_reply  # it builds on this module
+
+                return stream_reply(self, self.service.enqueue(job))
+            self._send(200, completion_body(self.service.submit(job), self.model_name))
         except HttpError as e:
             self._error(e)
         except Exception as e:  # never a 500 without a body

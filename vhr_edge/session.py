@@ -6,6 +6,11 @@
         print(r.text, r.vhr.selected_heads, r.timings.tokens_per_s)
         base = s.caption(frame_array, vhr=False)     # the same runner, no callback
 
+        with s.stream("kitchen.jpg") as st:          # the text as it is generated
+            for piece in st:
+                print(piece, end="", flush=True)
+        print(st.result.timings.tokens_per_s)        # then the whole CaptionResult
+
 Each caption clears the KV cache first, so nothing leaks from one image to the next. The
 text-only reference VHR scores against (VHR_SPEC 1) is computed once per prompt and layer set
 and cached in the session, so a stream of images with one prompt pays for it once.
@@ -15,11 +20,12 @@ from __future__ import annotations
 
 import math
 import os
+import queue
 import threading
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Optional, Union
+from typing import Callable, Iterator, Optional, Union
 
 import numpy as np
 
@@ -93,7 +99,7 @@ class CaptionResult:
     image: str
     text: str
     tokens: list[int]
-    stop_reason: str  # "eos", "length" or "context"
+    stop_reason: str  # "eos", "length", "context" or "cancelled" (on_token returned False)
     vhr: VhrReport
     timings: Timings
     first_logits: Optional[np.ndarray] = field(default=None, repr=False)
@@ -201,11 +207,19 @@ class Session:
         keep_logits: bool = False,
         trace: bool = False,
         forced_tokens: Optional[list[int]] = None,
+        on_token: Optional[Callable[[int, str], Optional[bool]]] = None,
         **overrides,
     ) -> CaptionResult:
         """Caption one image. `overrides` set fields of VhrConfig / GenerationConfig by name
         (alpha=3, layers="1,4-7", n_predict=64, temp=0.7 ...).
 
+        on_token(token_id, piece): called from the engine as each token is generated; `piece`
+        is the text it adds to result.text (UTF-8 safe, possibly empty: an incomplete character
+        or trailing whitespace waits for the next token; a last call with token_id -1 delivers
+        what is still held back at the end), so the pieces joined equal result.text. Return
+        False to stop: the result then has stop_reason "cancelled". An exception raised in it
+        stops the caption and propagates from caption(). The engine releases the GIL while it
+        works and takes it back only for the call.
         trace: also score every layer's heads against the text-only continuation at every
         step (VHR_SPEC 6) -> result.trace [n_tokens, n_layer, n_head]; about twice the decode work.
         forced_tokens: generate exactly these token ids (teacher forcing, e.g. to trace a caption).
@@ -236,7 +250,7 @@ class Session:
                     head_mode=vcfg.head_mode, random_seed=vcfg.random_seed,
                     forced_heads={int(k): list(v) for k, v in (vcfg.forced_heads or {}).items()},
                     reference=vcfg.reference, trace=trace, forced_tokens=list(forced_tokens or []),
-                    fold_weights=vcfg.fold_weights,
+                    fold_weights=vcfg.fold_weights, on_token=on_token,
                 )
             except self._engine.EngineError as e:
                 raise VhrEdgeError(str(e)) from None
@@ -261,6 +275,22 @@ class Session:
             first_logits=raw["first_logits"] if keep_logits else None,
             trace=raw["trace"] if trace else None,
         )
+
+    def stream(self, image: ImageSource, prompt: str = DEFAULT_PROMPT, **kwargs) -> "CaptionStream":
+        """Caption one image and iterate over its text as it is generated:
+
+            with session.stream(img, n_predict=64) as st:
+                for piece in st:          # str pieces; "".join(pieces) == st.result.text
+                    print(piece, end="", flush=True)
+            st.result                     # the CaptionResult (stop_reason "cancelled" if closed early)
+
+        Takes caption()'s arguments (except on_token). The caption runs on a worker thread;
+        errors (a bad image, a bad option) are raised from the iteration. Leaving the loop
+        early and closing the stream (close(), the with block, or dropping it) stops the
+        caption at the next token; the session is then free for the next one."""
+        if "on_token" in kwargs:
+            raise TypeError("stream() delivers the tokens itself; use caption(on_token=...) for a callback")
+        return CaptionStream(self, image, prompt, kwargs)
 
     def _validate(self, v: VhrConfig, g: GenerationConfig) -> None:
         if v.enabled and not (isinstance(v.alpha, (int, float)) and math.isfinite(v.alpha) and v.alpha > 0):
@@ -300,3 +330,82 @@ class Session:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+
+class _StreamState:
+    """What the worker thread of a CaptionStream shares with it (the worker holds no reference
+    to the stream itself, so dropping the stream can cancel the caption)."""
+
+    END = object()
+
+    def __init__(self):
+        self.pieces: "queue.Queue" = queue.Queue()
+        self.cancel = threading.Event()
+        self.result: Optional[CaptionResult] = None
+        self.error: Optional[BaseException] = None
+
+    def on_token(self, token: int, piece: str) -> bool:
+        if piece:
+            self.pieces.put(piece)
+        return not self.cancel.is_set()
+
+    def work(self, session: Session, image: ImageSource, prompt: str, kwargs: dict) -> None:
+        try:
+            self.result = session.caption(image, prompt, on_token=self.on_token, **kwargs)
+        except BaseException as e:  # raised to the reader
+            self.error = e
+        finally:
+            self.pieces.put(self.END)
+
+
+class CaptionStream:
+    """Session.stream's iterator of text pieces; .result is the CaptionResult once it ended."""
+
+    def __init__(self, session: Session, image: ImageSource, prompt: str, kwargs: dict):
+        self._state = _StreamState()
+        self._ended = False
+        self._thread = threading.Thread(target=self._state.work, args=(session, image, prompt, kwargs),
+                                        name="vhr-edge-stream", daemon=True)
+        self._thread.start()
+
+    @property
+    def result(self) -> Optional[CaptionResult]:
+        """The CaptionResult, once the iteration ended (or after close()); None if it failed."""
+        return self._state.result
+
+    def __iter__(self) -> Iterator[str]:
+        return self
+
+    def __next__(self) -> str:
+        if self._ended:
+            raise StopIteration
+        item = self._state.pieces.get()
+        if item is _StreamState.END:
+            self._finish()
+            raise StopIteration
+        return item
+
+    def _finish(self) -> None:
+        self._ended = True
+        self._thread.join()
+        err, self._state.error = self._state.error, None
+        if err is not None:
+            raise err
+
+    def close(self) -> None:
+        """Stop the caption at the next token (if it still runs) and wait for it to end.
+        Errors are raised by the iteration only, not here."""
+        if not self._ended:
+            self._state.cancel.set()
+            self._thread.join()
+            self._ended = True
+
+    def __enter__(self) -> "CaptionStream":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        self._state.cancel.set()  # a dropped stream stops its caption at the next token
