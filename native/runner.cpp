@@ -551,11 +551,11 @@ Result Runner::caption(const RgbImage & image, const std::string & prompt,
     const int64_t P = (int64_t) prefix.size(), S = (int64_t) suffix.size(), I = tk.n_image_tokens;
     r.timings.n_image_tokens = (int) I;
 
-    // ---- the text-only reference (spec 1): its own unscaled pass, cached per prompt and layer set
+    // ---- VHR armed; the text-only reference (spec 1) is its own unscaled pass, cached per prompt
+    // and layer set (text_reference, after the context below exists)
     const bool released = vhr.enabled && vhr.reference == "released";
     const bool hooked = vhr.enabled || gen.trace;  // the callback runs
     if (hooked) m.arm_hook(vhr, gen.trace);
-    const Reference * ref = released ? &m.text_reference(prefix, suffix, r) : nullptr;
 
     // ---- the image prefill: seq 0 = image prompt, exactly the rows of a plain caption. The
     // text-only prompt joins as seq 1 (prefix + instruction, positions contiguous) only for the
@@ -570,7 +570,10 @@ Result Runner::caption(const RgbImage & image, const std::string & prompt,
         fail("the prompt needs " + std::to_string(n_rows) + " positions (" + std::to_string(I) +
              " image tokens) but the context holds " + std::to_string(m.p.n_ctx) + "; raise -c/--ctx-size");
     }
-    llama_context * ctx = m.context_for(hooked, (int) n_rows, two ? 2 : 1);  // created once, reused (not timed)
+    // created once, reused (not timed); sized for the image prefill before the (shorter)
+    // reference pass uses it, so a first caption does not create it twice
+    llama_context * ctx = m.context_for(hooked, (int) n_rows, two ? 2 : 1);
+    const Reference * ref = released ? &m.text_reference(prefix, suffix, r) : nullptr;
     llama_memory_clear(llama_get_memory(ctx), true);
     auto t0 = Clock::now();
 
