@@ -153,12 +153,12 @@ def test_bad_input_table(files, name, build, fragment):
 
 
 def test_default_model_and_no_model(files, monkeypatch, capsys):
-    from vhr_edge import cli
+    from vhr_edge import cli, flags
 
-    if cli.default_model_paths()[0]:  # the bundled testbed is the default model
+    if flags.default_model_paths()[0]:  # the bundled testbed is the default model
         r = run("caption", files["img"], "-n", "4")
         assert r.returncode == 0 and r.stdout.strip(), r.stderr
-    monkeypatch.setattr(cli, "default_model_paths", lambda: (None, None))
+    monkeypatch.setattr(flags, "default_model_paths", lambda: (None, None))
     assert cli.main(["caption", str(files["img"])]) == 1
     err = capsys.readouterr().err.strip()
     assert err.startswith("vhr-edge: error: no model given") and "-m" in err and "\n" not in err

@@ -8,7 +8,7 @@ import pytest
 from vhr_edge import Session, fixtures
 from vhr_edge.engine import load
 
-from conftest import GQA_SPEC, SPEC, scene
+from conftest import GQA_SPEC, SPEC
 
 N = 24  # tokens generated per caption in these tests
 

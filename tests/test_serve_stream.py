@@ -12,7 +12,6 @@ import openai
 import pytest
 
 from vhr_edge.errors import VhrEdgeError
-from vhr_edge.serve import make_server
 
 from conftest import scene
 from test_serve import chat, data_uri, png, request, running

@@ -34,7 +34,7 @@ from typing import Optional, Sequence
 from .errors import ConfigError
 from .templates import LLAVA_15
 from .profile_rule import (DEFAULT_ALPHAS, MAX_LEN_CHANGE, MAX_RECALL_DROP, OBJECTIVE, Decision, Setting,
-                           candidate_layer_sets, choose, objective_text, sweep_settings, violations)
+                           choose, objective_text, sweep_settings)
 
 CAL_SPLIT = "calibration"  # counterfactual scenes at the calibration seed
 CAL_SEED = 2000
@@ -126,7 +126,7 @@ class Sweep:
 
     def run(self, s: Setting) -> dict:
         from .eval import chair
-        from .eval.cli import _settings
+        from .flags import run_settings
         from .eval.run import run_chair, session_captioner
 
         vhr = s.vhr_config()
@@ -143,7 +143,7 @@ class Sweep:
                 self.bar.update(1)
             return r
 
-        settings = _settings(None, self.session, vhr, self.gen, prompt=self.prompt)
+        settings = run_settings(self.session, vhr, self.gen, prompt=self.prompt)
         summary = run_chair(self.source, self.out, captioner, tag=s.key, settings=settings, progress=False)
         recs = {}
         with open(path) as f:
@@ -222,12 +222,12 @@ def parse_alphas(text: str) -> list[float]:
 
 
 def register(sub) -> None:
-    from . import cli as base
+    from . import flags
     from .testbed import SPLITS
 
     p = sub.add_parser("calibrate", help="sweep VHR layer sets x alphas on held-out images; write a VHR profile",
                        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    base._add_model_args(p)
+    flags.add_model_args(p)
     g = p.add_argument_group("calibration data (never the evaluation images)")
     g.add_argument("--split", default=None, metavar="SPLIT",
                    help=f"testbed scenes: {CAL_SPLIT} (= counterfactual scenes at --seed; default) or one of "
@@ -265,8 +265,7 @@ def register(sub) -> None:
 
 
 def cmd_calibrate(args) -> int:
-    from . import DEFAULT_PROMPT, __version__
-    from . import cli as base
+    from . import DEFAULT_PROMPT, __version__, flags
     from .eval.run import _progress, _write_json
     from .layers import auto_layers
     from .profile import Profile, ids_sha256, profile_for_model, save_profile
@@ -282,7 +281,7 @@ def cmd_calibrate(args) -> int:
     if not (0 <= args.max_recall_drop <= 1 and 0 <= args.max_len_change):
         raise ConfigError("--max-recall-drop must be in [0, 1] and --max-len-change >= 0")
     source, excluded = calibration_source(args)
-    model, _ = base.resolve_models(args)
+    model, _ = flags.resolve_models(args)
     out = args.out or Path("results") / "calibrate" / Path(model).stem
     if out.exists() and not out.is_dir():
         raise ConfigError(f"--out {out} exists and is not a folder")
@@ -290,7 +289,7 @@ def cmd_calibrate(args) -> int:
     objective = objective_text(args.max_recall_drop, args.max_len_change)
     print(f"vhr-edge calibrate: objective: {objective}", file=sys.stderr, flush=True)
 
-    session = base.open_session(args)
+    session = flags.open_session(args)
     n_layer = session.n_layer
     prompt = args.prompt or DEFAULT_PROMPT
     gen = GenerationConfig(n_predict=args.max_tokens)

@@ -27,6 +27,7 @@ from typing import Optional, Union
 
 from .errors import ConfigError, read_json_file
 from .layers import format_layers
+from .templates import PROFILE_KEY, check_template
 
 FORMAT = 1
 SUFFIX = ".vhr-profile.json"
@@ -65,6 +66,18 @@ def profile_for_model(model_path: PathLike) -> Path:
     """`<model stem>.vhr-profile.json` beside the GGUF (auto-discovery)."""
     p = Path(model_path)
     return p.with_name(p.stem + SUFFIX)
+
+
+def carried_template(model_path: Union[str, os.PathLike]) -> tuple[Optional[str], Optional[Path]]:
+    """The prompt template a profile beside the model carries, and that profile's path (or None, None)."""
+    p = profile_for_model(model_path)
+    if not p.is_file():
+        return None, None
+    try:
+        value = json.loads(p.read_text()).get(PROFILE_KEY)
+    except (OSError, ValueError, AttributeError):
+        return None, None  # a broken profile is reported where profiles are read
+    return (value, p) if isinstance(value, str) else (None, None)
 
 
 def ids_sha256(ids) -> str:
@@ -117,8 +130,6 @@ def profile_from_json(d, where: str = "profile", n_layer: Optional[int] = None) 
         raise ConfigError(f"{where}: 'metrics' must be an object")
     template = d.get("prompt_template")
     if template is not None:
-        from .templates import check_template
-
         check_template(template, f"{where}: 'prompt_template'")
     return Profile(model=d["model"], layers=sorted(layers), alpha=float(alpha), objective=d["objective"],
                    calibration=cal, metrics=d["metrics"], vhr_edge_version=str(d["vhr_edge_version"]),

@@ -6,7 +6,6 @@ choice rule (`choose`, a pure function of the sweep table; OBJECTIVE says it in 
 
 from __future__ import annotations
 
-import json
 from dataclasses import asdict, dataclass, field
 from typing import Optional, Sequence
 
@@ -68,7 +67,7 @@ class Setting:
     @property
     def key(self) -> str:
         """The run's tag (file names in --out): greedy, vhr-a2-L1,4-7, vhr-a2-L1,4-7-random."""
-        from .eval.cli import vhr_tag
+        from .flags import vhr_tag
         from .layers import format_layers
 
         if self.layers is None:

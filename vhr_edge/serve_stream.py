@@ -22,7 +22,7 @@ import select
 import socket
 import time
 
-from .serve import HttpError, Job, completion_id, finish_reason, usage
+from .serve_protocol import HttpError, Job, completion_id, finish_reason, usage
 
 POLL_S = 0.02  # how often a waiting handler looks at its client's socket
 FIRST_TOKEN_TIMEOUT_S = 600.0

@@ -34,6 +34,7 @@ from .engine import load as load_engine
 from .errors import ConfigError, ModelError, VhrEdgeError
 from .images import ImageSource, describe, load_image
 from .layers import parse_layers
+from .profile import carried_template
 from .templates import GGUF_KEY as TEMPLATE_GGUF_KEY
 from .templates import model_template, resolve_template
 
@@ -185,7 +186,7 @@ class Session:
             self.prompt_template, self.template_source = resolve_template(prompt_template), "given"
         else:
             self.prompt_template, self.template_source = model_template(
-                self.model_path, self._runner.metadata(TEMPLATE_GGUF_KEY))
+                self.model_path, self._runner.metadata(TEMPLATE_GGUF_KEY), carried_template(self.model_path))
         self.info = self._runner.info()
         self._lock = threading.Lock()
 

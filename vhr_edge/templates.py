@@ -41,28 +41,15 @@ def resolve_template(spec: str) -> str:
     return check_template(spec.replace("\\n", "\n"), f"template {spec!r}")
 
 
-def _from_profile(model_path: Union[str, os.PathLike]) -> tuple[Optional[str], Optional[Path]]:
-    import json
-
-    from .profile import profile_for_model
-
-    p = profile_for_model(model_path)
-    if not p.is_file():
-        return None, None
-    try:
-        value = json.loads(p.read_text()).get(PROFILE_KEY)
-    except (OSError, ValueError, AttributeError):
-        return None, None  # a broken profile is reported where profiles are read
-    return (value, p) if isinstance(value, str) else (None, None)
-
-
-def model_template(model_path: Union[str, os.PathLike], gguf_value: Optional[str] = None) -> tuple[str, str]:
+def model_template(model_path: Union[str, os.PathLike], gguf_value: Optional[str] = None,
+                   profile_value: tuple[Optional[str], Optional[Path]] = (None, None)) -> tuple[str, str]:
     """(template, where it came from) for a model: its GGUF metadata (`gguf_value`, the value
-    of GGUF_KEY as the loaded model reports it), else the profile beside it, else LLaVA-1.5."""
+    of GGUF_KEY as the loaded model reports it), else the profile beside it (`profile_value`:
+    `profile.carried_template`'s answer), else LLaVA-1.5."""
     t = gguf_value or None
     if t is not None:
         return check_template(t, f"{GGUF_KEY} of {model_path}"), "gguf"
-    t, where = _from_profile(model_path)
+    t, where = profile_value
     if t is not None:
         return check_template(t, f"{PROFILE_KEY} of {where}"), f"profile {where}"
     return LLAVA_15, "default (LLaVA-1.5)"

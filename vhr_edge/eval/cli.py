@@ -8,7 +8,7 @@
 Data default: the testbed's counterfactual split, seed 1000, 500 scenes. --alpha/--layers
 override a VHR profile (--profile FILE, or <model stem>.vhr-profile.json beside the model
 unless --no-profile); a profile's layers show up in the tag. The method tag
-(default "greedy" or "vhr-a2", "...-L1,4-7", "-random", "-nooutlier") names the result files
+(default "greedy" or "vhr-a2", "...-L1,4-7", "-random", "-nooutlier", "-joint") names the result files
 in --out, so greedy and VHR runs share one folder and one ids.json. A killed run started again
 with the same flags continues where it stopped. --json prints the summary object as the last
 line of stdout; the progress bar goes to stderr.
@@ -20,9 +20,9 @@ import argparse
 import json
 import re
 import sys
-from dataclasses import asdict
 from pathlib import Path
 
+from .. import flags
 from ..errors import ConfigError
 from . import DEFAULT_N, DEFAULT_SEED, pope
 
@@ -32,20 +32,14 @@ POPE_MAX_TOKENS = 16
 
 def register(sub) -> None:
     """Add `eval` (with `chair` and `pope`) to the `vhr-edge` subcommands."""
-    from .. import cli as base
-
     ev = sub.add_parser("eval", help="hallucination evaluation: CHAIR (captions) and POPE (yes/no questions)",
                         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    class _Parser(type(ev)):
-        def error(self, message):  # one line, exit 2, naming the full subcommand
-            self.exit(base.EXIT_USAGE, f"vhr-edge: error: {message} (see {self.prog} --help)\n")
-
-    evsub = ev.add_subparsers(dest="eval_command", required=True, parser_class=_Parser, metavar="{chair,pope}")
+    evsub = ev.add_subparsers(dest="eval_command", required=True, parser_class=flags.Parser, metavar="{chair,pope}")
 
     ch = evsub.add_parser("chair", help="caption images, count hallucinated objects (CHAIR_S, CHAIR_I, recall)")
     _add_data_args(ch, captions=True)
-    base._add_model_args(ch)
-    base._add_vhr_args(ch)
+    flags.add_model_args(ch)
+    flags.add_vhr_args(ch)
     g = ch.add_argument_group("generation")
     g.add_argument("-p", "--prompt", default=None, help="instruction (default: 'Please describe this image in detail.')")
     g.add_argument("--max-tokens", type=int, default=CHAIR_MAX_TOKENS, help=f"max new tokens per caption ({CHAIR_MAX_TOKENS})")
@@ -58,8 +52,8 @@ def register(sub) -> None:
     pp.add_argument("--per-image", type=int, default=pope.N_POS,
                     help=f"positive (and as many negative) questions per image ({pope.N_POS})")
     _add_data_args(pp, captions=False)
-    base._add_model_args(pp)
-    base._add_vhr_args(pp)
+    flags.add_model_args(pp)
+    flags.add_vhr_args(pp)
     g = pp.add_argument_group("generation")
     g.add_argument("--suffix", default="", help="text appended to each question (e.g. 'Answer yes or no.')")
     g.add_argument("--max-tokens", type=int, default=POPE_MAX_TOKENS, help=f"max new tokens per answer ({POPE_MAX_TOKENS})")
@@ -116,9 +110,8 @@ def make_source(args):
 
 
 def method_configs(args):
-    from .. import cli as base
     from ..layers import parse_layers
-    from ..session import GenerationConfig, VhrConfig
+    from ..session import GenerationConfig
 
     if args.alpha is not None and not (args.alpha > 0):
         raise ConfigError(f"--alpha must be > 0, got {args.alpha}")
@@ -128,10 +121,7 @@ def method_configs(args):
         parse_layers(args.layers, 10_000)  # syntax only; the model's depth is checked when captioning
     if args.tag:
         method_tag(args)  # a bad --tag is reported before the model is looked at
-    base.resolve_vhr(args)  # flag > --profile > profile beside the model > alpha 2, layers auto
-    vhr = VhrConfig(enabled=not args.no_vhr, alpha=args.alpha, layers=args.layers,
-                    outlier_rule=not args.no_outlier_rule, head_mode="random" if args.random_heads else "vhd",
-                    random_seed=0, fold_weights=not getattr(args, "no_fold", False))
+    vhr = flags.vhr_config(args)  # flag > --profile > profile beside the model > alpha 2, layers auto
     gen = GenerationConfig(n_predict=args.max_tokens)
     return vhr, gen
 
@@ -143,32 +133,8 @@ def method_tag(args) -> str:
         return args.tag
     if args.no_vhr:
         return "greedy"
-    return vhr_tag(args.alpha, args.layers, random=args.random_heads, outlier_rule=not args.no_outlier_rule)
-
-
-def vhr_tag(alpha: float, layers: str = "auto", random: bool = False, outlier_rule: bool = True) -> str:
-    """"vhr-a2", "vhr-a3-L1,4-7", "...-random", "...-nooutlier": the default name of a VHR run."""
-    tag = f"vhr-a{alpha:g}"
-    if layers != "auto":
-        tag += "-L" + re.sub(r"[^0-9a-z,-]", "", layers.replace(" ", ""))
-    if random:
-        tag += "-random"
-    if not outlier_rule:
-        tag += "-nooutlier"
-    return tag
-
-
-def _file_id(path: str) -> dict:
-    p = Path(path)
-    return {"name": p.name, "bytes": p.stat().st_size}
-
-
-def _settings(args, session, vhr, gen, **extra) -> dict:
-    v = asdict(vhr)
-    if not vhr.enabled:  # the other VHR fields do nothing without VHR
-        v = {"enabled": False}
-    return {"model": _file_id(session.model_path), "mmproj": _file_id(session.mmproj_path),
-            "vhr": v, "generation": asdict(gen), **extra}
+    return flags.vhr_tag(args.alpha, args.layers, random=args.random_heads, outlier_rule=not args.no_outlier_rule,
+                         reference=args.vhd_reference)
 
 
 def _out_dir(args) -> Path:
@@ -180,7 +146,6 @@ def _out_dir(args) -> Path:
 
 def cmd_chair(args) -> int:
     from .. import DEFAULT_PROMPT
-    from .. import cli as base
     from .run import run_chair, session_captioner
 
     source = make_source(args)
@@ -188,8 +153,8 @@ def cmd_chair(args) -> int:
     tag = method_tag(args)
     out = _out_dir(args)
     prompt = args.prompt or DEFAULT_PROMPT
-    session = base.open_session(args)
-    settings = _settings(args, session, vhr, gen, prompt=prompt)
+    session = flags.open_session(args)
+    settings = flags.run_settings(session, vhr, gen, prompt=prompt)
     summary = run_chair(source, out, session_captioner(session, prompt, vhr, gen), tag=tag,
                         settings=settings, progress=not args.no_progress)
     if args.json:
@@ -202,7 +167,6 @@ def cmd_chair(args) -> int:
 
 
 def cmd_pope(args) -> int:
-    from .. import cli as base
     from .run import run_pope, session_answerer
 
     if args.per_image < 1:
@@ -212,8 +176,8 @@ def cmd_pope(args) -> int:
     tag = method_tag(args)
     out = _out_dir(args)
     splits = list(pope.POPE_SPLITS) if args.split == "all" else [args.split]
-    session = base.open_session(args)
-    settings = _settings(args, session, vhr, gen, suffix=args.suffix)
+    session = flags.open_session(args)
+    settings = flags.run_settings(session, vhr, gen, suffix=args.suffix)
     result = run_pope(source, out, session_answerer(session, vhr, gen, args.suffix), splits, seed=args.seed,
                       n_pos=args.per_image, tag=tag, settings=settings, progress=not args.no_progress)
     if args.json:

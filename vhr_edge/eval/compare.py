@@ -67,7 +67,7 @@ def compare(models: list[Path], mmproj: Path | None, out: Path, *, split: str, n
     """alpha/layers: explicit settings (None: each model's VHR profile, else 2 / auto).
     profiles: one profile file per model (None: the profile beside each model, if any)."""
     from ..profile import resolve
-    from .cli import vhr_tag
+    from ..flags import vhr_tag
 
     if profiles is not None and len(profiles) != len(models):
         raise ConfigError(f"give one --profile per -m model ({len(models)} models, {len(profiles)} profiles)")

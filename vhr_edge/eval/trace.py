@@ -103,13 +103,13 @@ def plot(tr: dict, out_dir: Path) -> list[Path]:
 
 
 def register(sub) -> None:
-    from .. import cli as base
+    from .. import flags
 
     tp = sub.add_parser("trace", help="T-VHD per generated token, VHD heat map, hallucinated words marked")
     tp.add_argument("image", metavar="IMG")
-    base._add_model_args(tp)
-    base._add_vhr_args(tp)
-    base._add_gen_args(tp)
+    flags.add_model_args(tp)
+    flags.add_vhr_args(tp)
+    flags.add_gen_args(tp)
     tp.add_argument("-k", type=int, default=8, help="top-k heads per layer summed into T-VHD (default 8)")
     tp.add_argument("--objects", help="comma-separated ground-truth objects; mentions of others are hallucinated")
     tp.add_argument("--caption", help="trace this text (teacher forcing) instead of the model's caption")
@@ -119,13 +119,13 @@ def register(sub) -> None:
 
 
 def cmd_trace(args) -> int:
-    from .. import cli as base
+    from .. import flags
     from ..errors import ConfigError
 
     if args.k < 1:
         raise ConfigError(f"-k must be at least 1, got {args.k}")
-    vhr, gen = base.configs(args)
-    session = base.open_session(args)
+    vhr, gen = flags.configs(args)
+    session = flags.open_session(args)
     objects = {o.strip().lower() for o in args.objects.split(",") if o.strip()} if args.objects else None
     tr = trace_image(session, args.image, prompt=args.prompt, vhr=vhr, gen=gen, k=args.k, caption=args.caption,
                      objects=objects)
