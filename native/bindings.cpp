@@ -81,10 +81,11 @@ PYBIND11_MODULE(_engine, m) {
     }, py::arg("col_img"), py::arg("col_txt"), py::arg("n_head"),
        "(D, TA) per head: squared distance to the text-only column, and its squared norm.");
     m.def("outlier_heads", &vhr::outlier_heads, py::arg("d"), py::arg("ta"));
-    m.def("select_heads", [](const std::vector<float> & d, const std::vector<float> & ta, bool outlier_rule) {
+    m.def("select_heads", [](const std::vector<float> & d, const std::vector<float> & ta, bool outlier_rule, int count) {
         if (d.size() != ta.size()) throw std::runtime_error("select_heads: d and ta differ in length");
-        return vhr::select_heads({d, ta}, outlier_rule);
-    }, py::arg("d"), py::arg("ta"), py::arg("outlier_rule") = true);
+        return count > 0 ? vhr::top_heads({d, ta}, count, outlier_rule) : vhr::select_heads({d, ta}, outlier_rule);
+    }, py::arg("d"), py::arg("ta"), py::arg("outlier_rule") = true, py::arg("count") = 0,
+       "count 0: heads above the median (the paper rule); count k > 0: the k heads of largest D.");
     m.def("scale_heads", [](py::array_t<float, py::array::c_style> data, const std::vector<int> & heads, int n_head, float alpha) {
         // data: [n_tokens, n_head * head_dim] (numpy view of ggml's [n_embd, n_tokens])
         if (data.ndim() != 2 || n_head <= 0 || data.shape(1) % n_head != 0) throw std::runtime_error("scale_heads: bad shape");
@@ -168,7 +169,7 @@ PYBIND11_MODULE(_engine, m) {
                 bool ignore_eos, bool keep_logits, bool vhr_enabled, float alpha, std::vector<int> layers,
                 bool outlier_rule, std::string head_mode, uint32_t random_seed,
                 std::map<int, std::vector<int>> forced_heads, std::string reference, bool trace,
-                std::vector<int32_t> forced_tokens, bool fold_weights, py::object on_token) {
+                std::vector<int32_t> forced_tokens, bool fold_weights, py::object on_token, int head_count) {
                  if (rgb.ndim() != 3 || rgb.shape(2) != 3) throw std::runtime_error("image must be an HxWx3 uint8 array");
                  vhr::GenParams g;
                  g.n_predict = n_predict;
@@ -186,6 +187,7 @@ PYBIND11_MODULE(_engine, m) {
                  v.layers = std::move(layers);
                  v.outlier_rule = outlier_rule;
                  v.head_mode = std::move(head_mode);
+                 v.head_count = head_count;
                  v.random_seed = random_seed;
                  v.forced_heads = std::move(forced_heads);
                  v.reference = std::move(reference);
@@ -226,5 +228,5 @@ PYBIND11_MODULE(_engine, m) {
              py::arg("outlier_rule") = true, py::arg("head_mode") = "vhd", py::arg("random_seed") = 0,
              py::arg("forced_heads") = std::map<int, std::vector<int>>{}, py::arg("reference") = "released",
              py::arg("trace") = false, py::arg("forced_tokens") = std::vector<int32_t>{},
-             py::arg("fold_weights") = true, py::arg("on_token") = py::none());
+             py::arg("fold_weights") = true, py::arg("on_token") = py::none(), py::arg("head_count") = 0);
 }

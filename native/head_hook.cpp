@@ -65,7 +65,7 @@ void HeadHook::process(ggml_tensor * t, int layer) {
         if (f != forced.end()) {
             heads[layer] = f->second;
         } else {
-            heads[layer] = select_heads(s, outlier_rule);
+            heads[layer] = head_count > 0 ? top_heads(s, head_count, outlier_rule) : select_heads(s, outlier_rule);
             if (random_mode) heads[layer] = random_heads((int) heads[layer].size(), n_head, rng);
         }
     }

@@ -30,6 +30,7 @@ struct HeadHook {
     float alpha = 1.0f;
     bool outlier_rule = true;
     bool random_mode = false;                 // the control: random heads, VHR's counts
+    int head_count = 0;                       // > 0: the top head_count heads by D, not the median rule
     std::mt19937 rng;
     std::vector<char> scored;                 // layers in the set
     std::map<int, std::vector<int>> forced;   // layers whose heads are given

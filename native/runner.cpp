@@ -360,6 +360,7 @@ struct Runner::Impl {
         hook.alpha = v.enabled ? v.alpha : 1.0f;
         hook.outlier_rule = v.outlier_rule;
         hook.random_mode = v.head_mode == "random";
+        hook.head_count = v.head_count;
         hook.rng.seed(v.random_seed);
         hook.forced = v.forced_heads;
         hook.scored.assign(n_layer, 0);
@@ -389,6 +390,9 @@ struct Runner::Impl {
         if (!(v.alpha > 0.0f) || !std::isfinite(v.alpha)) fail("alpha must be a finite number > 0");
         if (v.head_mode != "vhd" && v.head_mode != "random") fail("head_mode must be 'vhd' or 'random'");
         if (v.reference != "released" && v.reference != "joint") fail("reference must be 'released' or 'joint'");
+        if (v.head_count < 0 || v.head_count > n_head) {
+            fail("head_count must be 0 (the median rule) or 1.." + std::to_string(n_head));
+        }
         if (v.layers.empty()) v.layers = auto_layers(n_layer);
         for (int l : v.layers) {
             if (l < 0 || l >= n_layer) {

@@ -45,6 +45,9 @@ struct VhrParams {
     // "vhd": heads above the median VHD; "random": as many heads per layer as "vhd" would
     // pick, drawn at random (the control).
     std::string head_mode = "vhd";
+    // > 0: reinforce the head_count heads of largest D per layer (after the outlier rule)
+    // instead of those above the median; "random" then draws head_count heads. 0: the paper rule.
+    int head_count = 0;
     uint32_t random_seed  = 0;
     // Where the text-only head outputs come from (VHR_SPEC 1, 4):
     // "released": a separate, never-scaled pass over the text-only prompt, cached (the default);

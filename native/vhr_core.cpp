@@ -82,6 +82,19 @@ std::vector<int> select_heads(const HeadScores & scores, bool outlier_rule) {
     return heads;
 }
 
+std::vector<int> top_heads(const HeadScores & scores, int count, bool outlier_rule) {
+    std::vector<float> d = scores.d;
+    if (outlier_rule) {
+        for (int h : outlier_heads(scores.d, scores.ta)) d[h] = 0.0f;
+    }
+    std::vector<int> order(d.size());
+    std::iota(order.begin(), order.end(), 0);
+    std::stable_sort(order.begin(), order.end(), [&d](int a, int b) { return d[a] > d[b]; });
+    order.resize(std::min(order.size(), (size_t) std::max(count, 0)));
+    std::sort(order.begin(), order.end());
+    return order;
+}
+
 std::vector<int> random_heads(int count, int n_head, std::mt19937 & rng) {
     std::vector<int> all(n_head);
     std::iota(all.begin(), all.end(), 0);

@@ -33,6 +33,11 @@ std::vector<int> outlier_heads(const std::vector<float> & d, const std::vector<f
 // strict ">" this picks the same heads as torch.median's lower middle). Ascending indices.
 std::vector<int> select_heads(const HeadScores & scores, bool outlier_rule = true);
 
+// A fixed count instead of the median (an option for studies, not the paper rule): zero the
+// outliers' D (when outlier_rule), then keep the `count` heads with the largest D; among equal
+// D the lower index goes first. count >= n_head keeps every head. Ascending indices.
+std::vector<int> top_heads(const HeadScores & scores, int count, bool outlier_rule = true);
+
 // The random-heads control: `count` distinct heads out of n_head drawn with rng, ascending.
 std::vector<int> random_heads(int count, int n_head, std::mt19937 & rng);
 

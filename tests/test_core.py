@@ -135,3 +135,21 @@ def test_parse_layers():
     for bad in ("x", "1,", "5-2", "1-", "99", "-1"):
         with pytest.raises(ConfigError):
             parse_layers(bad, 8)
+
+
+def test_top_heads_hand_computed():
+    d = [0.1, 0.5, 0.3, 0.9, 0.2, 0.7, 0.4, 0.8]
+    ta = [1.0] * 8
+    assert E.select_heads(d, ta, count=1) == [3]
+    assert E.select_heads(d, ta, count=2) == [3, 7]
+    assert E.select_heads(d, ta, count=3) == [3, 5, 7]
+    # with 8 distinct values, the top 4 are exactly the median rule's heads
+    assert E.select_heads(d, ta, count=4) == E.select_heads(d, ta) == [1, 3, 5, 7]
+    assert E.select_heads(d, ta, count=8) == E.select_heads(d, ta, count=20) == list(range(8))
+    # ties: the lower index first (the median rule would take only head 3 here)
+    assert E.select_heads([1.0, 2.0, 2.0, 3.0], [0.0] * 4, count=2) == [1, 3]
+    assert E.select_heads([2.0] * 6, [0.0] * 6, count=2) == [0, 1]
+    # the outlier rule zeroes head 7's D first (as in test_outlier_needs_both_d_and_ta_high)
+    d2, ta2 = [0.5, 0.6, 0.7, 0.8, 0.9, 1.0, 1.1, 10.0], [1.0] * 7 + [10.0]
+    assert E.select_heads(d2, ta2, count=2) == [5, 6]
+    assert E.select_heads(d2, ta2, outlier_rule=False, count=2) == [6, 7]

@@ -323,3 +323,24 @@ def test_forced_tokens(session, image_a):
 
     with pytest.raises(VhrEdgeError, match="outside the vocabulary"):
         session.caption(image_a, forced_tokens=[10**6])
+
+
+def test_head_count_top_k_per_layer(session, image_a):
+    """head_count=k: the k heads of largest D per layer (after the outlier rule), checked
+    against the D and TA the same caption reports (vhd = sqrt(D))."""
+    for k in (1, 2, 3):
+        r = session.caption(image_a, n_predict=4, head_count=k)
+        d = r.vhr.vhd.astype(np.float64) ** 2
+        for l, heads in r.vhr.selected_heads.items():
+            dl, tl = d[l].copy(), r.vhr.ta[l].astype(np.float64)
+            if dl.std(ddof=1) > 1:
+                dl[(dl > dl.mean() + dl.std(ddof=1)) & (tl > tl.mean() + tl.std(ddof=1))] = 0.0
+            want = sorted(np.argsort(-dl, kind="stable")[:k].tolist())
+            assert heads == want, (k, l)
+    rnd = session.caption(image_a, n_predict=4, head_count=3, head_mode="random", random_seed=1)
+    assert all(len(h) == 3 for h in rnd.vhr.selected_heads.values())
+    from vhr_edge.errors import ConfigError
+
+    for bad in (5, -1, True):
+        with pytest.raises(ConfigError, match="head_count"):
+            session.caption(image_a, n_predict=2, head_count=bad)

@@ -74,6 +74,9 @@ def add_vhr_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--random-heads", action="store_true",
                    help="control: reinforce as many heads per layer as VHR would, chosen at random")
     g.add_argument("--no-outlier-rule", action="store_true", help="skip the negative-sensitivity outlier rule")
+    g.add_argument("--top-heads", dest="top_heads", type=int, default=0, metavar="K",
+                   help="reinforce the K heads of largest VHD per layer instead of the top half "
+                        "(a study option; 0 = the paper's median rule, default)")
     g.add_argument("--vhd-reference", dest="vhd_reference", choices=["released", "joint"], default="released",
                    help="text-only reference: its own unscaled, cached pass (released, default) or the "
                         "earlier joint batch that scales it too (for ablations)")
@@ -170,7 +173,10 @@ def vhr_config(args, random_seed: int = 0):
     from .session import VhrConfig
 
     resolve_vhr(args)
-    return VhrConfig(enabled=not args.no_vhr, alpha=args.alpha, layers=args.layers,
+    k = getattr(args, "top_heads", 0) or 0
+    if k < 0:
+        raise ConfigError(f"--top-heads must be 0 (the median rule) or a number of heads per layer, got {k}")
+    return VhrConfig(head_count=k, enabled=not args.no_vhr, alpha=args.alpha, layers=args.layers,
                      outlier_rule=not args.no_outlier_rule,
                      head_mode="random" if args.random_heads else "vhd", random_seed=random_seed,
                      fold_weights=not getattr(args, "no_fold", False),
@@ -188,12 +194,14 @@ def on_stop_signals(callback) -> None:
 
 
 def vhr_tag(alpha: float, layers: str = "auto", random: bool = False, outlier_rule: bool = True,
-            reference: str = "released") -> str:
-    """"vhr-a2", "vhr-a3-L1,4-7", "...-random", "...-nooutlier", "...-joint": the default name of a
-    VHR run."""
+            reference: str = "released", top_heads: int = 0) -> str:
+    """"vhr-a2", "vhr-a3-L1,4-7", "...-top2", "...-random", "...-nooutlier", "...-joint": the default
+    name of a VHR run."""
     tag = f"vhr-a{alpha:g}"
     if layers != "auto":
         tag += "-L" + re.sub(r"[^0-9a-z,-]", "", layers.replace(" ", ""))
+    if top_heads:
+        tag += f"-top{top_heads}"
     if random:
         tag += "-random"
     if not outlier_rule:
@@ -201,6 +209,18 @@ def vhr_tag(alpha: float, layers: str = "auto", random: bool = False, outlier_ru
     if reference != "released":
         tag += "-" + reference
     return tag
+
+
+def method_tag(args) -> str:
+    """The name of a resumable run's files: --tag, else "greedy" or the VHR tag of the flags."""
+    if getattr(args, "tag", None):
+        if not re.fullmatch(r"[A-Za-z0-9_.,+=@-]+", args.tag):
+            raise ConfigError(f"--tag may hold letters, digits and _ . , + = @ - only, got {args.tag!r}")
+        return args.tag
+    if args.no_vhr:
+        return "greedy"
+    return vhr_tag(args.alpha, args.layers, random=args.random_heads, outlier_rule=not args.no_outlier_rule,
+                   reference=args.vhd_reference, top_heads=getattr(args, "top_heads", 0) or 0)
 
 
 def _file_id(path: str) -> dict:
@@ -213,5 +233,7 @@ def run_settings(session, vhr, gen, **extra) -> dict:
     v = asdict(vhr)
     if not vhr.enabled:  # the other VHR fields do nothing without VHR
         v = {"enabled": False}
+    elif not v.get("head_count"):  # the median rule: recorded as before the option existed
+        v.pop("head_count", None)
     return {"model": _file_id(session.model_path), "mmproj": _file_id(session.mmproj_path),
             "vhr": v, "generation": asdict(gen), **extra}

@@ -48,6 +48,9 @@ class VhrConfig:
     layers: Union[str, list[int], None] = "auto"  # "auto", "all", "1,18-31" or a list
     outlier_rule: bool = True
     head_mode: str = "vhd"  # "vhd" or "random" (the same number of random heads: a control)
+    # 0: the paper rule (heads above the layer's median D); k > 0: the k heads of largest D per
+    # layer (after the outlier rule; ties to the lower index). A study option, not the paper's.
+    head_count: int = 0
     random_seed: int = 0
     forced_heads: Optional[dict[int, list[int]]] = None  # layer -> heads, bypassing VHD
     # Where the text-only head outputs come from: "released" (a separate unscaled pass, cached
@@ -248,7 +251,7 @@ class Session:
                     n_predict=gcfg.n_predict, temp=gcfg.temp, top_k=gcfg.top_k, top_p=gcfg.top_p,
                     seed=gcfg.seed, ignore_eos=gcfg.ignore_eos, keep_logits=keep_logits,
                     vhr=vcfg.enabled, alpha=vcfg.alpha, layers=layers, outlier_rule=vcfg.outlier_rule,
-                    head_mode=vcfg.head_mode, random_seed=vcfg.random_seed,
+                    head_mode=vcfg.head_mode, random_seed=vcfg.random_seed, head_count=int(vcfg.head_count),
                     forced_heads={int(k): list(v) for k, v in (vcfg.forced_heads or {}).items()},
                     reference=vcfg.reference, trace=trace, forced_tokens=list(forced_tokens or []),
                     fold_weights=vcfg.fold_weights, on_token=on_token,
@@ -298,6 +301,9 @@ class Session:
             raise ConfigError(f"alpha must be a number > 0, got {v.alpha}")
         if v.head_mode not in ("vhd", "random"):
             raise ConfigError(f"head_mode must be 'vhd' or 'random', got {v.head_mode!r}")
+        if isinstance(v.head_count, bool) or not isinstance(v.head_count, int) or not 0 <= v.head_count <= self.n_head:
+            raise ConfigError(f"head_count must be 0 (the median rule) or 1..{self.n_head} heads per layer, "
+                              f"got {v.head_count!r}")
         if v.reference not in ("released", "joint"):
             raise ConfigError(f"the VHD reference must be 'released' or 'joint', got {v.reference!r}")
         for layer, heads in (v.forced_heads or {}).items():

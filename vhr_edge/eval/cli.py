@@ -18,13 +18,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 import sys
 from pathlib import Path
 
 from .. import flags
 from ..errors import ConfigError
-from . import DEFAULT_N, DEFAULT_SEED, pope
+from . import pope
+from .data import add_data_args
 
 CHAIR_MAX_TOKENS = 512  # the paper's setting
 POPE_MAX_TOKENS = 16
@@ -37,7 +37,7 @@ def register(sub) -> None:
     evsub = ev.add_subparsers(dest="eval_command", required=True, parser_class=flags.Parser, metavar="{chair,pope}")
 
     ch = evsub.add_parser("chair", help="caption images, count hallucinated objects (CHAIR_S, CHAIR_I, recall)")
-    _add_data_args(ch, captions=True)
+    add_data_args(ch, captions=True)
     flags.add_model_args(ch)
     flags.add_vhr_args(ch)
     g = ch.add_argument_group("generation")
@@ -51,7 +51,7 @@ def register(sub) -> None:
                     help="POPE negative sampling: random, popular, adversarial or all (default)")
     pp.add_argument("--per-image", type=int, default=pope.N_POS,
                     help=f"positive (and as many negative) questions per image ({pope.N_POS})")
-    _add_data_args(pp, captions=False)
+    add_data_args(pp, captions=False)
     flags.add_model_args(pp)
     flags.add_vhr_args(pp)
     g = pp.add_argument_group("generation")
@@ -59,23 +59,6 @@ def register(sub) -> None:
     g.add_argument("--max-tokens", type=int, default=POPE_MAX_TOKENS, help=f"max new tokens per answer ({POPE_MAX_TOKENS})")
     _add_out_args(pp)
     pp.set_defaults(func=cmd_pope)
-
-
-def _add_data_args(p, captions: bool) -> None:
-    from ..testbed import SPLITS
-
-    g = p.add_argument_group("data (testbed scenes, or COCO-format annotations + images)")
-    g.add_argument("--testbed", choices=SPLITS, default=None,
-                   help="testbed split rendered on the fly (default: counterfactual unless --images is given)")
-    g.add_argument("--seed", type=int, default=DEFAULT_SEED,
-                   help=f"testbed scene seed / COCO id draw seed / POPE sampling seed ({DEFAULT_SEED})")
-    g.add_argument("-n", type=int, default=DEFAULT_N, help=f"number of images ({DEFAULT_N})")
-    g.add_argument("--size", type=int, default=64, help="testbed render size in pixels (64)")
-    g.add_argument("--images", metavar="DIR", help="folder of the COCO-format images")
-    g.add_argument("--annotations", metavar="FILE", help="COCO instances JSON (e.g. instances_val2014.json)")
-    if captions:
-        g.add_argument("--captions", metavar="FILE",
-                       help="COCO captions JSON: objects of the reference captions join the ground truth (as in CHAIR)")
 
 
 def _add_out_args(p) -> None:
@@ -88,25 +71,9 @@ def _add_out_args(p) -> None:
 
 def make_source(args):
     """The data source from the flags (validated before any model is loaded)."""
-    from .data import CocoSource, DataError, TestbedSource
+    from .data import source_from_args
 
-    if args.n < 1:
-        raise DataError(f"-n must be at least 1, got {args.n}")
-    coco = args.images is not None or args.annotations is not None
-    if coco:
-        if args.testbed is not None:
-            raise ConfigError("give either --testbed or --images/--annotations, not both")
-        if args.images is None or args.annotations is None:
-            raise ConfigError("COCO-format data needs both --images DIR and --annotations FILE")
-        src = CocoSource(args.images, args.annotations, n=args.n, seed=args.seed,
-                         captions=getattr(args, "captions", None))
-        if src.n < args.n:
-            print(f"vhr-edge: note: {args.annotations} lists {src.n} images; evaluating all of them",
-                  file=sys.stderr, flush=True)
-        return src
-    if getattr(args, "captions", None):
-        raise ConfigError("--captions goes with --images/--annotations")
-    return TestbedSource(args.testbed or "counterfactual", n=args.n, seed=args.seed, size=args.size)
+    return source_from_args(args, args.n, args.seed)
 
 
 def method_configs(args):
@@ -127,14 +94,7 @@ def method_configs(args):
 
 
 def method_tag(args) -> str:
-    if args.tag:
-        if not re.fullmatch(r"[A-Za-z0-9_.,+=@-]+", args.tag):
-            raise ConfigError(f"--tag may hold letters, digits and _ . , + = @ - only, got {args.tag!r}")
-        return args.tag
-    if args.no_vhr:
-        return "greedy"
-    return flags.vhr_tag(args.alpha, args.layers, random=args.random_heads, outlier_rule=not args.no_outlier_rule,
-                         reference=args.vhd_reference)
+    return flags.method_tag(args)
 
 
 def _out_dir(args) -> Path:

@@ -15,6 +15,9 @@
   `exclude` removes ids from the pool before the draw (calibration sets disjoint from an
   evaluation run's ids.json; `n_available` then counts the remaining pool).
 
+`add_data_args(parser)` / `source_from_args(args, n, seed)`: the data flags shared by
+`vhr-edge eval` and `vhr-edge trace` (batch mode), and the source they name.
+
 `write_ids(out_dir, source)` saves the chosen ids next to the results (ids.json) and refuses an
 out dir that already holds a run on other images, so every run in one folder is comparable.
 """
@@ -23,13 +26,14 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Optional
 
 import numpy as np
 
-from ..errors import VhrEdgeError, read_json_file
+from ..errors import ConfigError, VhrEdgeError, read_json_file
 from . import DEFAULT_N, DEFAULT_SEED, chair
 
 
@@ -220,3 +224,44 @@ def write_ids(out_dir, source: DataSource) -> Path:
     tmp.write_text(json.dumps({"source": source.describe(), "ids": ids}, indent=1))
     os.replace(tmp, path)
     return path
+
+
+def add_data_args(p, captions: bool, counts: bool = True) -> None:
+    """The data flags of `vhr-edge eval` (and of `vhr-edge trace`'s batch mode, which has its own
+    -n / --seed: counts=False leaves them out)."""
+    from ..testbed import SPLITS
+
+    g = p.add_argument_group("data (testbed scenes, or COCO-format annotations + images)")
+    g.add_argument("--testbed", choices=SPLITS, default=None,
+                   help="testbed split rendered on the fly (default: counterfactual unless --images is given)")
+    if counts:
+        g.add_argument("--seed", type=int, default=DEFAULT_SEED,
+                       help=f"testbed scene seed / COCO id draw seed / POPE sampling seed ({DEFAULT_SEED})")
+        g.add_argument("-n", type=int, default=DEFAULT_N, help=f"number of images ({DEFAULT_N})")
+    g.add_argument("--size", type=int, default=64, help="testbed render size in pixels (64)")
+    g.add_argument("--images", metavar="DIR", help="folder of the COCO-format images")
+    g.add_argument("--annotations", metavar="FILE", help="COCO instances JSON (e.g. instances_val2014.json)")
+    if captions:
+        g.add_argument("--captions", metavar="FILE",
+                       help="COCO captions JSON: objects of the reference captions join the ground truth (as in CHAIR)")
+
+
+def source_from_args(args, n: int, seed: int) -> DataSource:
+    """The data source the flags of `add_data_args` name (validated before any model is loaded):
+    COCO-format when --images or --annotations is given, else the testbed split (default
+    counterfactual)."""
+    if n < 1:
+        raise DataError(f"-n must be at least 1, got {n}")
+    if args.images is not None or args.annotations is not None:
+        if args.testbed is not None:
+            raise ConfigError("give either --testbed or --images/--annotations, not both")
+        if args.images is None or args.annotations is None:
+            raise ConfigError("COCO-format data needs both --images DIR and --annotations FILE")
+        src = CocoSource(args.images, args.annotations, n=n, seed=seed, captions=getattr(args, "captions", None))
+        if src.n < n:
+            print(f"vhr-edge: note: {args.annotations} lists {src.n} images; evaluating all of them",
+                  file=sys.stderr, flush=True)
+        return src
+    if getattr(args, "captions", None):
+        raise ConfigError("--captions goes with --images/--annotations")
+    return TestbedSource(args.testbed or "counterfactual", n=n, seed=seed, size=args.size)

@@ -1,0 +1,6 @@
+"""Studies: rerunnable drivers behind docs/ reports (not part of the `vhr-edge` command line).
+
+- `mechanism`  issue 19: T-VHD at scale on the bundled files, and the ceiling of head
+               reinforcement on the testbed (docs/mechanism.md)
+- `probe`      the teacher-forced oracle probe of single-head reinforcement (PyTorch)
+"""
