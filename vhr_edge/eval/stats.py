@@ -63,30 +63,37 @@ def boot_counts(n: int, n_boot: int, seed: int) -> np.ndarray:
     return counts
 
 
+def auroc_resamples(groups: Sequence[tuple[Sequence[float], Sequence[float]]], counts: np.ndarray) -> np.ndarray:
+    """The AUROC of each resample: counts [n_boot, n_captions] weighs caption i's scores
+    (stats.boot_counts). NaN where a resample has no positive or no negative."""
+    pos = [np.asarray(p, np.float64) for p, _ in groups]
+    neg = [np.asarray(q, np.float64) for _, q in groups]
+    all_pos, all_neg = np.concatenate(pos + [np.zeros(0)]), np.concatenate(neg + [np.zeros(0)])
+    # pairwise wins of every positive over every negative; a resample weighs caption i by its count
+    cmp = (all_pos[:, None] > all_neg[None, :]) + 0.5 * (all_pos[:, None] == all_neg[None, :])
+    wp = counts[:, np.repeat(np.arange(len(groups)), [len(p) for p in pos])]
+    wn = counts[:, np.repeat(np.arange(len(groups)), [len(q) for q in neg])]
+    num = ((wp @ cmp) * wn).sum(axis=1)
+    den = wp.sum(axis=1) * wn.sum(axis=1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(den > 0, num / np.where(den > 0, den, 1.0), np.nan)
+
+
 def auroc_bootstrap(groups: Sequence[tuple[Sequence[float], Sequence[float]]], n_boot: int = 1000,
                     seed: int = 0) -> dict:
     """AUROC over captions, each giving (positive scores, negative scores), with a bootstrap 95%
     interval that resamples captions. Resamples left with an empty group are skipped (counted
     in "n_boot_skipped")."""
-    pos = [np.asarray(p, np.float64) for p, _ in groups]
-    neg = [np.asarray(q, np.float64) for _, q in groups]
-    all_pos, all_neg = np.concatenate(pos + [np.zeros(0)]), np.concatenate(neg + [np.zeros(0)])
+    all_pos = [v for p, _ in groups for v in p]
+    all_neg = [v for _, q in groups for v in q]
     est = auroc(all_pos, all_neg)
-    out = {"auroc": est, "ci": [float("nan"), float("nan")], "n_pos": int(len(all_pos)), "n_neg": int(len(all_neg)),
+    out = {"auroc": est, "ci": [float("nan"), float("nan")], "n_pos": len(all_pos), "n_neg": len(all_neg),
            "n_boot": int(n_boot), "n_boot_skipped": 0, "seed": int(seed)}
     if not np.isfinite(est) or n_boot < 1:
         return out
-    # pairwise wins of every positive over every negative; a resample weighs caption i by its count
-    cmp = (all_pos[:, None] > all_neg[None, :]) + 0.5 * (all_pos[:, None] == all_neg[None, :])
-    cap_pos = np.repeat(np.arange(len(groups)), [len(p) for p in pos])
-    cap_neg = np.repeat(np.arange(len(groups)), [len(q) for q in neg])
-    counts = boot_counts(len(groups), n_boot, seed)
-    wp, wn = counts[:, cap_pos], counts[:, cap_neg]  # [n_boot, n_pos], [n_boot, n_neg]
-    num = ((wp @ cmp) * wn).sum(axis=1)
-    den = wp.sum(axis=1) * wn.sum(axis=1)
-    ok = den > 0
-    out["n_boot_skipped"] = int((~ok).sum())
-    out["ci"] = _percentile_ci(num[ok] / den[ok])
+    vals = auroc_resamples(groups, boot_counts(len(groups), n_boot, seed))
+    out["n_boot_skipped"] = int(np.isnan(vals).sum())
+    out["ci"] = _percentile_ci(vals)
     return out
 
 

@@ -68,6 +68,247 @@ def stage_trace(out: Path, threads: int) -> dict:
     return res
 
 
+# ---- settings -----------------------------------------------------------------------------------
+# A setting: {"name", "vhr": VhrConfig fields or None (greedy)}.
+
+def setting(layers: str, alpha: float, count: int = 0, **extra) -> dict:
+    from ..flags import vhr_tag
+
+    name = vhr_tag(alpha, layers, top_heads=count)
+    if extra.get("head_mode") == "random":
+        name += f"-random{extra['random_seed']}"
+    return {"name": name, "vhr": {"layers": layers, "alpha": alpha, "head_count": count, **extra}}
+
+
+def forced_setting(name: str, heads: dict, alpha: float) -> dict:
+    layers = sorted(int(l) for l in heads)
+    return {"name": name, "vhr": {"layers": ",".join(map(str, layers)), "alpha": alpha,
+                                  "forced_heads": {int(l): list(h) for l, h in heads.items()}}}
+
+
+GREEDY = {"name": "greedy", "vhr": None}
+
+
+def search_grid() -> list[dict]:
+    """Calibration grid, most informative first: the paper's layer set and all layers with
+    top 1 / top 2 / the median rule (4 of 8 heads) at every alpha; every single layer with the
+    median rule at alpha 1.5 / 2 / 3."""
+    out = [GREEDY]
+    for layers in (PAPER_LAYERS, ALL_LAYERS):
+        for count in (0, 2, 1):
+            for a in ALPHAS:
+                out.append(setting(layers, a, count))
+    for l in range(8):
+        for a in (1.5, 2.0, 3.0):
+            out.append(setting(str(l), a, 0))
+    return out
+
+
+class Runner:
+    """One F16 session, resumable CHAIR runs (eval.run.run_chair) of settings on one split."""
+
+    def __init__(self, threads: int):
+        from .. import DEFAULT_PROMPT
+        from ..session import GenerationConfig, Session
+
+        self.session = Session(ROOT / "models" / MODELS["F16"], ROOT / "models" / "testbed-mmproj-f16.gguf",
+                               n_threads=threads, n_threads_batch=threads)
+        self.prompt = DEFAULT_PROMPT
+        self.gen = GenerationConfig(n_predict=MAX_TOKENS)
+
+    def vhr(self, st: dict):
+        from ..session import VhrConfig
+
+        return VhrConfig(enabled=False) if st["vhr"] is None else VhrConfig(**st["vhr"])
+
+    def run(self, source, out_dir: Path, st: dict) -> dict:
+        from ..eval.run import run_chair, session_captioner
+        from ..flags import run_settings
+
+        vhr = self.vhr(st)
+        settings = run_settings(self.session, vhr, self.gen, prompt=self.prompt)
+        summary = run_chair(source, out_dir, session_captioner(self.session, self.prompt, vhr, self.gen),
+                            tag=st["name"], settings=settings, progress=False)
+        print(f"  {st['name']:<34} CHAIR_S {summary['chair_s']:.3f}  CHAIR_I {summary['chair_i']:.3f}  "
+              f"recall {summary['recall']:.3f}  words {summary['mean_len']:.1f}", flush=True)
+        return summary
+
+
+def cal_source():
+    from ..eval.data import TestbedSource
+
+    return TestbedSource("counterfactual", n=CAL_N, seed=CAL_SEED)
+
+
+def eval_source():
+    from ..eval.data import TestbedSource
+
+    return TestbedSource("counterfactual", n=EVAL_N, seed=EVAL_SEED)
+
+
+def stage_search(out: Path, threads: int) -> None:
+    runner, src = Runner(threads), cal_source()
+    for st in search_grid():
+        runner.run(src, out / "cal", st)
+
+
+# ---- the oracle probe ------------------------------------------------------------------------------
+
+PROBE_ALPHAS = (2.0,)
+
+
+def probe_images(session, source, max_tokens: int = MAX_TOKENS):
+    """(item, rgb, tokens, mention rows) of every item whose greedy caption hallucinates."""
+    from ..eval.tvhd import mention_rows
+
+    for it in source.items:
+        rgb = it.load()
+        r = session.caption(rgb, vhr=False, n_predict=max_tokens)
+        pieces = session._runner.pieces(r.tokens)
+        ms = mention_rows(pieces, [0.0] * len(pieces), set(it.gt), source.vocab)
+        if any(m["hallucinated"] for m in ms):
+            yield it, rgb, r.tokens, ms
+
+
+def probe_split(out_path: Path, source, threads: int, alphas=PROBE_ALPHAS) -> None:
+    """One JSON line per (image, alpha) with hallucinations: the change of every mention's
+    first-token log-probability per single reinforced head (resumable)."""
+    from ..eval.run import JsonlStore
+    from .probe import Prober
+
+    runner = Runner(threads)
+    prober = None
+    with JsonlStore(out_path, key=lambda r: f"{r['image_id']}\t{r['alpha']}") as store:
+        for it, rgb, tokens, ms in probe_images(runner.session, source):
+            for a in alphas:
+                if f"{it.image_id}\t{a}" in store:
+                    continue
+                if prober is None:
+                    prober = Prober(runner.session, str(ROOT / "models" / MODELS["F16"]), runner.prompt, threads)
+                res = prober.single_head_logprobs(rgb, tokens, [m["token"] for m in ms], a)
+                store.add({"image_id": it.image_id, "alpha": a, "mentions": ms, "argmax_agree": res["argmax_agree"],
+                           "base": res["base"].round(6).tolist(),
+                           "delta": (res["heads"] - res["base"][None, None, :]).round(6).tolist()})
+                print(f"  probe {it.image_id} alpha {a}: {sum(m['hallucinated'] for m in ms)} hallucinated, "
+                      f"argmax agreement {res['argmax_agree']:.3f}", flush=True)
+
+
+def load_probe(path: Path, alpha: float, ids=None) -> dict:
+    """Per image: {"hall": [n_layer, n_head] mean change over its hallucinated mentions,
+    "real": ... over its real mentions (None without any)}."""
+    import numpy as np
+
+    out = {}
+    for line in path.read_text().splitlines():
+        r = json.loads(line)
+        if r["alpha"] != alpha or (ids is not None and r["image_id"] not in ids):
+            continue
+        d = np.asarray(r["delta"])  # [L, H, M]
+        hall = [i for i, m in enumerate(r["mentions"]) if m["hallucinated"]]
+        real = [i for i, m in enumerate(r["mentions"]) if not m["hallucinated"]]
+        out[r["image_id"]] = {"hall": d[:, :, hall].mean(-1), "real": d[:, :, real].mean(-1) if real else None,
+                              "n_hall": len(hall), "n_real": len(real)}
+    return out
+
+
+def pooled_scores(per_image: dict) -> dict:
+    """Mention-weighted means over images: "hall", "real" and "margin" = hall - real [L, H]."""
+    import numpy as np
+
+    wh = sum(v["n_hall"] for v in per_image.values())
+    wr = sum(v["n_real"] for v in per_image.values() if v["real"] is not None)
+    hall = sum(v["hall"] * v["n_hall"] for v in per_image.values()) / wh
+    real = sum(v["real"] * v["n_real"] for v in per_image.values() if v["real"] is not None) / max(wr, 1)
+    return {"hall": hall, "real": real, "margin": hall - real, "n_images": len(per_image), "n_hall": wh, "n_real": wr}
+
+
+def oracle_grid(scores: dict) -> list[dict]:
+    """The probe's head sets (probed at alpha 2): per layer the 1 or 2 heads that most lower the
+    hallucinated log-probability ("hall") or lower it most relative to the real objects'
+    ("margin"), in all layers at alpha 2 and 3, and in the paper's layers at alpha 2."""
+    from .probe import oracle_heads
+
+    out = []
+    for obj in ("hall", "margin"):
+        for layers, lname, alphas in ((list(range(8)), ALL_LAYERS, (2.0, 3.0)), ([1, 4, 5, 6, 7], PAPER_LAYERS, (2.0,))):
+            for count in (1, 2):
+                if lname == PAPER_LAYERS and obj == "margin":
+                    continue
+                heads = {l: h for l, h in oracle_heads(scores[obj], layers, count).items() if h}
+                for a in alphas:
+                    if heads:
+                        out.append(forced_setting(f"oracle-{obj}-L{lname}-top{count}-a{a:g}", heads, a))
+    return out
+
+
+def stage_probe(out: Path, threads: int) -> None:
+    probe_split(out / "probe-cal.jsonl", cal_source(), threads)
+
+
+def stage_oracle(out: Path, threads: int) -> None:
+    scores = pooled_scores(load_probe(out / "probe-cal.jsonl", 2.0))
+    runner, src = Runner(threads), cal_source()
+    for st in oracle_grid(scores):
+        runner.run(src, out / "cal", st)
+
+
+# ---- held-out evaluation ---------------------------------------------------------------------------
+
+MAX_RECALL_DROP = 0.05  # a setting that buys CHAIR by naming fewer objects is not a candidate
+N_BEST = 2  # best non-oracle settings of the calibration search taken to the held-out split
+PAPER = setting(PAPER_LAYERS, 2.0, 0)
+
+
+def cal_table(out: Path) -> dict:
+    """{name: summary} of every finished calibration run."""
+    res = {}
+    for f in sorted((out / "cal").glob("chair-*.summary.json")):
+        s = json.loads(f.read_text())
+        res[s["tag"]] = s
+    return res
+
+
+def choose(out: Path) -> list[dict]:
+    """The held-out candidates: the paper rule, the N_BEST search settings and the best oracle
+    setting by calibration CHAIR_S (then CHAIR_I), among those within MAX_RECALL_DROP of
+    greedy's recall."""
+    table = cal_table(out)
+    g = table["greedy"]
+    grid = {st["name"]: st for st in search_grid()}
+    scores = pooled_scores(load_probe(out / "probe-cal.jsonl", 2.0))
+    grid.update({st["name"]: st for st in oracle_grid(scores)})
+    ok = [n for n, s in table.items() if n in grid and n != "greedy" and s["recall"] >= g["recall"] - MAX_RECALL_DROP]
+    ok.sort(key=lambda n: (table[n]["chair_s"], table[n]["chair_i"], n))
+    plain = [n for n in ok if not n.startswith("oracle")][:N_BEST]
+    oracle = [n for n in ok if n.startswith("oracle")][:1]
+    names = [PAPER["name"]] + [n for n in plain if n != PAPER["name"]] + oracle
+    return [grid[n] for n in names]
+
+
+def controls(st: dict) -> list[dict]:
+    """Random heads with the same layers, alpha and per-layer counts, one setting per seed."""
+    from .probe import random_like
+
+    v = st["vhr"]
+    if v.get("forced_heads"):
+        return [forced_setting(f"{st['name']}-random{seed}", random_like(v["forced_heads"], 8, seed), v["alpha"])
+                for seed in RANDOM_SEEDS]
+    return [setting(v["layers"], v["alpha"], v.get("head_count", 0), head_mode="random", random_seed=seed)
+            for seed in RANDOM_SEEDS]
+
+
+def stage_heldout(out: Path, threads: int) -> None:
+    chosen = choose(out)
+    (out / "heldout-chosen.json").write_text(json.dumps(chosen, indent=1))
+    runner, src = Runner(threads), eval_source()
+    runner.run(src, out / "heldout", GREEDY)
+    for st in chosen:
+        runner.run(src, out / "heldout", st)
+    for st in chosen:
+        for c in controls(st):
+            runner.run(src, out / "heldout", c)
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m vhr_edge.studies.mechanism", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -80,6 +321,18 @@ def main(argv=None) -> int:
     os.environ.pop("VHR_EDGE_MODEL", None)
     if a.stage in ("trace", "all"):
         stage_trace(a.out, a.threads)
+    if a.stage in ("search", "all"):
+        stage_search(a.out, a.threads)
+    if a.stage in ("probe", "all"):
+        stage_probe(a.out, a.threads)
+    if a.stage in ("oracle", "all"):
+        stage_oracle(a.out, a.threads)
+    if a.stage in ("heldout", "all"):
+        stage_heldout(a.out, a.threads)
+    if a.stage in ("report", "all"):
+        from .mechanism_report import report
+
+        report(a.out, a.docs, a.threads)
     return 0
 
 
