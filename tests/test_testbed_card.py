@@ -53,3 +53,22 @@ def test_card_lists_every_shipped_file(metrics):
     for name, size in metrics["files"].items():
         if not name.startswith("."):
             assert re.search(rf"\| `{re.escape(name)}` \| {size:,} \|", card)
+
+
+def test_mechanism_section_says_what_the_intervals_say():
+    from vhr_edge.testbed.card import mechanism_lines
+
+    mech = {"tvhd": [{"file": "F16", "split": "counterfactual", "auroc": 0.62, "ci": [0.54, 0.7], "n_real": 344,
+                      "n_hall": 61}],
+            "heldout": {"split": "counterfactual, seed 1000, 200 scenes",
+                        "greedy": {"chair_s": 0.27, "chair_i": 0.15, "recall": 0.86},
+                        "rows": [{"name": "vhr-a2-L1,4-7", "chair_s": 0.26, "recall": 0.86, "d_chair_s": -0.01,
+                                  "ci": [-0.05, 0.03], "d_vs_random_ci": [-0.04, 0.04]},
+                                 {"name": "oracle-per-image", "chair_s": 0.2, "recall": 0.85, "d_chair_s": -0.07,
+                                  "ci": [-0.1, -0.04], "d_vs_random_ci": None}]}}
+    text = "\n".join(mechanism_lines(mech))
+    assert "| F16 | counterfactual | 344 / 61 | 0.620 [0.540, 0.700] |" in text
+    assert "cannot show VHR's effect" in text and "Only the per-image oracle (oracle-per-image)" in text
+    mech["heldout"]["rows"][0]["ci"] = [-0.08, -0.01]  # a fair setting below greedy beyond the interval
+    text = "\n".join(mechanism_lines(mech))
+    assert "cannot show" not in text and "Settings below greedy beyond the interval: vhr-a2-L1,4-7" in text

@@ -299,11 +299,15 @@ def heldout_section(out: Path, docs: Path) -> tuple[str, dict]:
           f"| greedy | {_ci(gci['chair_s'])} | {_ci(gci['chair_i'])} | {_ci(gci['recall'])} | {words('greedy'):.1f} "
           "| | | | |"]
     res, forest = {"greedy": gci}, []
-    for st in json.loads(chosen_path.read_text()):
+    chosen = json.loads(chosen_path.read_text())
+    if (hd / "chair-oracle-per-image.jsonl").exists():
+        chosen.append({"name": "oracle-per-image", "per_image": True})
+    for st in chosen:
         a = rows(st["name"])
         if a is None:
             continue
-        ctl_tags = [c["name"] for c in M.controls(st)]
+        ctl_tags = ([f"oracle-per-image-random{k}" for k in M.RANDOM_SEEDS] if st.get("per_image")
+                    else [c["name"] for c in M.controls(st)])
         ctl = [rows(t) for t in ctl_tags]
         ctl = [c for c in ctl if c is not None]
         ci = stats.chair_ci(a, N_BOOT)
@@ -346,6 +350,38 @@ def _plot_forest(items: list, path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def card_block(res: dict) -> dict:
+    """What the model card shows of this study (models/testbed_metrics.json["mechanism"])."""
+    tv = [{"file": k.split("/")[0], "split": k.split("/")[1], "auroc": v["auroc"], "ci": v["ci"],
+           "n_real": v["n_real"], "n_hall": v["n_hall"]}
+          for k, v in res["T-VHD at scale"].items() if k.count("/") == 1 and "-F16" not in k]
+    ho = res["Held-out split"]
+    rows = []
+    for name, v in ho.items():
+        if name == "greedy":
+            continue
+        d = v["vs_greedy"]["chair_s"]
+        rows.append({"name": name, "chair_s": v["ci"]["chair_s"]["estimate"], "recall": v["ci"]["recall"]["estimate"],
+                     "d_chair_s": d["estimate"], "ci": d["ci"],
+                     "d_vs_random_ci": v["vs_random"]["chair_s"]["ci"] if "vs_random" in v else None})
+    g = ho.get("greedy", {})
+    return {"doc": "docs/mechanism.md", "tvhd": tv, "heldout": {
+        "split": f"counterfactual, seed {M.EVAL_SEED}, {M.EVAL_N} scenes",
+        "greedy": {k: g[k]["estimate"] for k in ("chair_s", "chair_i", "recall")} if g else None, "rows": rows}}
+
+
+def update_card(out: Path, models: Path) -> None:
+    """Put the study's block into models/testbed_metrics.json and re-render the card."""
+    from ..testbed import card
+
+    res = json.loads((out / "report.json").read_text())
+    path = models / "testbed_metrics.json"
+    m = json.loads(path.read_text())
+    m["mechanism"] = card_block(res)
+    path.write_text(json.dumps(m, indent=1))
+    card.main(["--models", str(models)])
 
 
 def report(out: Path, docs: Path, threads: int = 1) -> None:

@@ -195,7 +195,52 @@ def render_card(m: dict) -> str:
         "control reinforces as many heads per layer as VHR would, chosen at random.",
         "",
     ]
+    if m.get("mechanism"):
+        lines += mechanism_lines(m["mechanism"])
     return "\n".join(lines)
+
+
+def mechanism_lines(mech: dict) -> list[str]:
+    """Issue 19's answer on this model (docs/mechanism.md), from the study's block."""
+    lines = ["## Does VHR's mechanism exist here? (issue 19; `docs/mechanism.md`)", "",
+             "Measured with VHR as released (VHR_SPEC 1-5: a separate unscaled text-only reference), unlike",
+             "the table above, which predates it (the joint variant).", "",
+             "T-VHD (VHR_SPEC 6, top-8 of 8 heads, every layer) of each object mention's first token in the",
+             "model's own greedy captions, 200 scenes per split, seed 1000. AUROC = P(T-VHD of a real object",
+             "> that of a hallucinated one); above 0.5 is the paper's claim (95% interval: captions resampled):", "",
+             "| file | split | real / hallucinated mentions | AUROC [95% CI] |", "|---|---|---|---|"]
+    for r in mech.get("tvhd", []):
+        lines.append(f"| {r['file']} | {r['split']} | {r['n_real']} / {r['n_hall']} | "
+                     f"{r['auroc']:.3f} [{r['ci'][0]:.3f}, {r['ci'][1]:.3f}] |")
+    ho = mech.get("heldout") or {}
+    rows = ho.get("rows", [])
+    if rows and ho.get("greedy"):
+        g = ho["greedy"]
+        lines += ["", f"Head reinforcement on held-out scenes ({ho['split']}; greedy CHAIR_S {g['chair_s']:.3f}, "
+                  f"recall {g['recall']:.3f}):", "",
+                  "| setting | CHAIR_S | recall | CHAIR_S - greedy [paired 95% CI] | - its random heads [95% CI] |",
+                  "|---|---|---|---|---|"]
+        for r in rows:
+            vr = r.get("d_vs_random_ci")
+            lines.append(f"| {r['name']} | {r['chair_s']:.3f} | {r['recall']:.3f} | {r['d_chair_s']:+.3f} "
+                         f"[{r['ci'][0]:+.3f}, {r['ci'][1]:+.3f}] | "
+                         + ("" if vr is None else f"[{vr[0]:+.3f}, {vr[1]:+.3f}]") + " |")
+        beats = [r["name"] for r in rows if r["ci"][1] < 0]
+        fair = [r["name"] for r in rows if r["ci"][1] < 0 and not r["name"].endswith("per-image")]
+        lines.append("")
+        if not fair:
+            lines += ["**This testbed cannot show VHR's effect.** No head-reinforcement setting found on the",
+                      "calibration scenes, not even heads picked by an oracle that looked at the calibration",
+                      "answers, lowered CHAIR_S beyond the interval of plain greedy decoding on held-out scenes.",
+                      "The testbed stays a correctness and tooling model (the engine against its PyTorch",
+                      "oracle, quantization, the evaluation tools), not evidence for or against VHR."]
+            if beats:
+                lines.append(f"Only the per-image oracle ({', '.join(beats)}), which reads each held-out caption's own "
+                             "hallucinations, gets below greedy; see the document for its random-heads control.")
+        else:
+            lines += [f"Settings below greedy beyond the interval: {', '.join(fair)}; how far VHR's own rule is",
+                      "from them, and which heads and layers matter, is in the document."]
+    return lines + [""]
 
 
 def shipped_files(models: Path) -> dict:
