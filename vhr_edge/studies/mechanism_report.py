@@ -1,4 +1,4 @@
-"""Tables and plots of the issue-19 study (studies/mechanism.py `report`): OUT/tables.md,
+"""Tables and plots of the issue-19 study (`python -m vhr_edge.studies.mechanism report`): OUT/tables.md,
 OUT/report.json and DOCS/mechanism_{tvhd,layers,search,probe,heldout}.png, from the finished
 runs only (nothing here captions except the head-selection census, a one-token prefill per
 calibration image)."""
@@ -12,7 +12,7 @@ import numpy as np
 
 from ..eval import stats
 from ..eval.chair import score_caption, testbed_vocabulary
-from . import mechanism as M
+from . import mechanism_runs as M
 
 N_BOOT = 2000
 
