@@ -68,6 +68,7 @@ def test_mechanism_section_says_what_the_intervals_say():
                                   "ci": [-0.1, -0.04], "d_vs_random_ci": None}]}}
     text = "\n".join(mechanism_lines(mech))
     assert "| F16 | counterfactual | 344 / 61 | 0.620 [0.540, 0.700] |" in text
+    assert "interval above 0.5, on: F16 counterfactual." in text
     assert "cannot show VHR's effect" in text and "Only the per-image oracle (oracle-per-image)" in text
     mech["heldout"]["rows"][0]["ci"] = [-0.08, -0.01]  # a fair setting below greedy beyond the interval
     text = "\n".join(mechanism_lines(mech))

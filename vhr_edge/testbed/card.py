@@ -212,6 +212,11 @@ def mechanism_lines(mech: dict) -> list[str]:
     for r in mech.get("tvhd", []):
         lines.append(f"| {r['file']} | {r['split']} | {r['n_real']} / {r['n_hall']} | "
                      f"{r['auroc']:.3f} [{r['ci'][0]:.3f}, {r['ci'][1]:.3f}] |")
+    above = [f"{r['file']} {r['split']}" for r in mech.get("tvhd", []) if r["ci"][0] > 0.5]
+    rest = [f"{r['file']} {r['split']}" for r in mech.get("tvhd", []) if not r["ci"][0] > 0.5]
+    if mech.get("tvhd"):
+        lines += ["", f"Hallucinated objects have the lower T-VHD, with the interval above 0.5, on: "
+                  f"{', '.join(above) or 'none'}" + (f"; the interval reaches 0.5 on: {', '.join(rest)}." if rest else ".")]
     ho = mech.get("heldout") or {}
     rows = ho.get("rows", [])
     if rows and ho.get("greedy"):
