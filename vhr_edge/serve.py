@@ -222,6 +222,17 @@ class Handler(BaseHTTPRequestHandler):
     do_DELETE = do_PATCH = do_PUT
 
 
+class _Server(ThreadingHTTPServer):
+    def handle_error(self, request, client_address) -> None:
+        """A client that hangs up (reset, broken pipe) is normal for a server: no traceback.
+        Anything else is still printed, as http.server does."""
+        import sys
+
+        if isinstance(sys.exc_info()[1], (ConnectionResetError, BrokenPipeError, ConnectionAbortedError)):
+            return
+        super().handle_error(request, client_address)
+
+
 def make_server(session: Session, host: str = "127.0.0.1", port: int = 8080, *, api_key: Optional[str] = None,
                 max_queue: int = 8, max_body: int = MAX_BODY, allow_local_files: bool = False,
                 model_name: Optional[str] = None, quiet: bool = True,
@@ -231,6 +242,6 @@ def make_server(session: Session, host: str = "127.0.0.1", port: int = 8080, *, 
     attrs = dict(service=service, api_key=api_key, allow_local_files=allow_local_files, max_body=max_body,
                  model_name=model_name or Path(session.model_path).name, quiet=quiet, default_vhr=default_vhr)
     handler = type("BoundHandler", (Handler,), attrs)
-    server = ThreadingHTTPServer((host, port), handler)
+    server = _Server((host, port), handler)
     server.daemon_threads = True
     return server, service

@@ -286,7 +286,8 @@ class Session:
             st.result                     # the CaptionResult (stop_reason "cancelled" if closed early)
 
         Takes caption()'s arguments (except on_token). The caption runs on a worker thread;
-        errors (a bad image, a bad option) are raised from the iteration. Leaving the loop
+        errors (a bad image, a bad option) are raised from the iteration, or from close() / the
+        end of the with block when the stream was not iterated to its end. Leaving the loop
         early and closing the stream (close(), the with block, or dropping it) stops the
         caption at the next token; the session is then free for the next one."""
         if "on_token" in kwargs:
@@ -395,18 +396,24 @@ class CaptionStream:
             raise err
 
     def close(self) -> None:
-        """Stop the caption at the next token (if it still runs) and wait for it to end.
-        Errors are raised by the iteration only, not here."""
+        """Stop the caption at the next token (if it still runs) and wait for it to end. An
+        error the iteration has not raised yet (a bad image, a bad option) is raised here, so a
+        stream that is never iterated does not lose it."""
         if not self._ended:
             self._state.cancel.set()
-            self._thread.join()
-            self._ended = True
+            self._finish()
 
     def __enter__(self) -> "CaptionStream":
         return self
 
-    def __exit__(self, *exc) -> None:
-        self.close()
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None:
+            self.close()
+            return
+        try:  # the with block's own exception wins over the caption's
+            self.close()
+        except Exception:
+            pass
 
     def __del__(self) -> None:
         self._state.cancel.set()  # a dropped stream stops its caption at the next token
