@@ -4,6 +4,7 @@
                         [--seed S] [-n N] [-m MODEL --mmproj M] [--no-vhr] [--alpha A] [--layers L]
                         --out DIR [--tag TAG] [--json]
     vhr-edge eval pope  [--split random|popular|adversarial|all] (same data / model / method flags)
+    vhr-edge eval report DIR [--baseline greedy]   (every CHAIR run in DIR, bootstrap intervals, paired deltas)
 
 Data default: the testbed's counterfactual split, seed 1000, 500 scenes. --alpha/--layers
 override a VHR profile (--profile FILE, or <model stem>.vhr-profile.json beside the model
@@ -25,6 +26,7 @@ from pathlib import Path
 from .. import flags
 from ..errors import ConfigError
 from . import DEFAULT_N, DEFAULT_SEED, pope
+from .report import register as register_report
 
 CHAIR_MAX_TOKENS = 512  # the paper's setting
 POPE_MAX_TOKENS = 16
@@ -34,7 +36,8 @@ def register(sub) -> None:
     """Add `eval` (with `chair` and `pope`) to the `vhr-edge` subcommands."""
     ev = sub.add_parser("eval", help="hallucination evaluation: CHAIR (captions) and POPE (yes/no questions)",
                         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    evsub = ev.add_subparsers(dest="eval_command", required=True, parser_class=flags.Parser, metavar="{chair,pope}")
+    evsub = ev.add_subparsers(dest="eval_command", required=True, parser_class=flags.Parser,
+                              metavar="{chair,pope,report}")
 
     ch = evsub.add_parser("chair", help="caption images, count hallucinated objects (CHAIR_S, CHAIR_I, recall)")
     _add_data_args(ch, captions=True)
@@ -59,6 +62,8 @@ def register(sub) -> None:
     g.add_argument("--max-tokens", type=int, default=POPE_MAX_TOKENS, help=f"max new tokens per answer ({POPE_MAX_TOKENS})")
     _add_out_args(pp)
     pp.set_defaults(func=cmd_pope)
+
+    register_report(evsub)
 
 
 def _add_data_args(p, captions: bool) -> None:
