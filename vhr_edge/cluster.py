@@ -358,6 +358,8 @@ class Pool:
             except ray.exceptions.RayActorError as e:
                 self._lost(aid)
                 err = f"Ray worker lost ({type(e).__name__})"
+                print(f"vhr-edge: note: a Ray worker was lost ({type(e).__name__}); its unit goes to another "
+                      "worker", file=sys.stderr, flush=True)
             except ray.exceptions.RayTaskError as e:
                 self._idle.append(aid)
                 err = _err_line(e)

@@ -27,10 +27,7 @@ from pathlib import Path
 
 from .. import cluster, flags
 from ..errors import ConfigError, VhrEdgeError
-from . import DEFAULT_N, DEFAULT_SEED, pope
-
-CHAIR_MAX_TOKENS = 512  # the paper's setting
-POPE_MAX_TOKENS = 16
+from . import CHAIR_MAX_TOKENS, DEFAULT_N, DEFAULT_SEED, POPE_MAX_TOKENS, pope
 
 
 def register(sub) -> None:

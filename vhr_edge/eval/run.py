@@ -22,9 +22,9 @@ Each line is fsync'ed as it is written (a line counts only once it is on disk).
 The work itself is a captioner (answerer for POPE): a function called once per item, in order,
 or an object with `map_unordered(units)` that yields (unit, result) as results finish anywhere
 (`cluster.Pool` on Ray). Either way this module alone writes the file. A result may be a
-`Failed` (a unit that failed on every try): it is written as a row with "error" and "tries",
-left out of the scores (the summary says "n_failed"), and tried again by the next start;
-a later success is appended and wins, so every id has exactly one result line.
+`Failed` (a unit that failed on every try): it is written as a row with "error" and "tries"
+(once per id), left out of the scores (the summary says "n_failed"), and tried again by the
+next start; a later success is appended and wins, so every id has exactly one result line.
 """
 
 from __future__ import annotations
@@ -93,7 +93,7 @@ class JsonlStore:
 
     def add(self, rec: dict) -> None:
         k = self.key(rec)
-        if k in self.done:
+        if k in self.done or ("error" in rec and k in self.failed):  # one failed row per id is enough
             return
         buf = (json.dumps(rec) + "\n").encode()
         while buf:  # one write() for a line in practice; loop only if the OS writes part of it
