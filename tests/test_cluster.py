@@ -266,3 +266,51 @@ def test_cluster_flags_need_ray(tiny, tmp_path):
     r = cli("eval", "chair", "-n", "2", "--out", tmp_path, "--workers", "2")
     assert r.returncode == 1 and r.stderr.strip() == (
         "vhr-edge: error: --workers, --ship-images, --ship-models and --max-tries go with --ray ADDRESS")
+
+
+def test_unreachable_cluster_is_one_line(tmp_path):
+    r = cli("eval", "chair", "-n", "2", "--out", tmp_path / "o", "--ray", "127.0.0.1:1", timeout=120)
+    assert r.returncode == 1
+    assert r.stderr.strip().splitlines()[-1].startswith("vhr-edge: error: cannot connect to the Ray cluster at 127.0.0.1:1")
+
+
+class OutOfOrder:
+    """A stand-in for a cluster captioner: results in reverse order; ids in `fail` fail."""
+
+    def __init__(self, fail=()):
+        self.fail, self.asked = set(fail), []
+
+    def map_unordered(self, units):
+        from vhr_edge.eval.run import Failed
+
+        for i in reversed(range(len(units))):
+            it = units[i][0]
+            self.asked.append(it.key)
+            yield i, (Failed("boom", 3) if it.key in self.fail else (f"There is a {it.gt[0]}.", {"total_ms": 1.0}))
+
+
+def test_run_chair_with_unordered_results_and_failed_rows(tmp_path):
+    """eval.run with a map_unordered captioner: lines in completion order, a failed row once per
+    id, left out of the scores, retried by the next start, where the success wins."""
+    from vhr_edge.eval.data import TestbedSource
+    from vhr_edge.eval.run import run_chair
+
+    src = TestbedSource("counterfactual", n=5, seed=2)
+    bad = src.ids[1]
+    cap = OutOfOrder(fail={bad})
+    s1 = run_chair(src, tmp_path, cap, tag="t", progress=False)
+    assert s1["n"] == 4 and s1["n_failed"] == 1 and s1["recall"] > 0
+    recs = lines(tmp_path / "chair-t.jsonl")
+    assert [r["image_id"] for r in recs] == list(reversed(src.ids))
+    assert recs[3] == {"image_id": bad, "error": "boom", "tries": 3}
+    assert json.loads((tmp_path / "chair-t.summary.json").read_text())["failed"] == {bad: {"error": "boom", "tries": 3}}
+    s2 = run_chair(src, tmp_path, cap, tag="t", progress=False)  # fails again: no second failed row
+    assert cap.asked[5:] == [bad] and s2 == s1 and len(lines(tmp_path / "chair-t.jsonl")) == 5
+    s3 = run_chair(src, tmp_path, OutOfOrder(), tag="t", progress=False)  # now it works
+    assert s3["n"] == 5 and "n_failed" not in s3
+    recs = lines(tmp_path / "chair-t.jsonl")
+    assert len(recs) == 6 and recs[-1]["image_id"] == bad and "caption" in recs[-1]
+    s4 = run_chair(src, tmp_path, OutOfOrder(fail=set(src.ids)), tag="t", progress=False)  # nothing left to do
+    assert s4 == s3 and len(lines(tmp_path / "chair-t.jsonl")) == 6
+    saved = json.loads((tmp_path / "chair-t.summary.json").read_text())
+    assert "failed" not in saved and saved["n"] == 5

@@ -111,7 +111,9 @@ def _done_keys(path: Path) -> set:
     if path.exists():
         for line in path.read_bytes().split(b"\n")[:-1]:
             try:
-                done.add(str(json.loads(line)["image_id"]))
+                rec = json.loads(line)
+                if "error" not in rec:  # a failed row (eval.run.Failed) is tried again
+                    done.add(str(rec["image_id"]))
             except (ValueError, KeyError, TypeError):
                 pass
     return done
@@ -147,7 +149,8 @@ class Sweep:
         with open(path) as f:
             for line in f:
                 rec = json.loads(line)
-                recs.setdefault(str(rec["image_id"]), rec)
+                if "error" not in rec:
+                    recs.setdefault(str(rec["image_id"]), rec)
         vocab = self.source.vocab
         hall = [int(bool(chair.score_caption(recs[it.key]["caption"], it.gt, vocab)["hallucinated"]))
                 for it in self.source.items]

@@ -32,6 +32,7 @@ import hashlib
 import logging
 import os
 import resource
+import socket
 import sys
 import tempfile
 from collections import deque
@@ -86,10 +87,22 @@ def check_args(args) -> None:
     import_ray()  # a missing extra is reported before any model is looked at
 
 
+def _reachable(address: str, timeout: float = 10.0) -> None:
+    """A HOST:PORT that nothing answers on fails now (ray.init would wait for minutes)."""
+    host, sep, port = address.rpartition(":")
+    if not sep or not port.isdigit() or "://" in address:
+        return  # auto, ray://..., or something only Ray understands
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=timeout).close()
+    except OSError as e:
+        raise ConfigError(f"cannot connect to the Ray cluster at {address}: {e.strerror or e}") from None
+
+
 def connect(address: str):
     """ray, connected to the cluster at `address` (once per process)."""
     ray = import_ray()
     if not ray.is_initialized():
+        _reachable(address)
         try:
             ray.init(address=address, logging_level=logging.ERROR, log_to_driver=False)
         except Exception as e:  # ConnectionError, RuntimeError, ValueError ... from ray.init
@@ -223,8 +236,6 @@ class Pool:
     def __init__(self, model: str, mmproj: str, address: str, *, threads: int = 0, workers: int = 0,
                  session_kw: Optional[dict] = None, ship_models: bool = False, ship_images: bool = False,
                  max_tries: int = DEFAULT_TRIES, cache_dir: Optional[str] = None):
-        from . import __version__
-
         self.ray = ray = connect(address)
         self.model_path, self.mmproj_path = model, mmproj
         self.ship_images, self.max_tries = ship_images, max_tries
@@ -261,6 +272,7 @@ class Pool:
         self._spares = self.workers * max_tries  # replacements for actors that die
         self.infos: dict[int, dict] = {}  # actor id -> info() of every actor that started
         self.lost = 0  # actors that died
+        self.last_error = ""
         self.peak_rss_mb = 0.0
         self._images: dict[str, Any] = {}
         try:
@@ -268,16 +280,13 @@ class Pool:
                 self._spawn()
             while not self.infos:  # the first loaded model answers the questions about it
                 if not self._starting:
-                    raise VhrEdgeError("no Ray worker could load the model")
+                    raise VhrEdgeError(f"no Ray worker could start (last error: {self.last_error})")
                 ready, _ = ray.wait(list(self._starting), num_returns=1)
                 self._started(ready[0])
         except BaseException:
             self.close()
             raise
         first = next(iter(self.infos.values()))
-        if first["version"] != __version__:
-            raise ConfigError(f"the Ray workers run vhr-edge {first['version']}, this is {__version__}; "
-                              "install the same version on every node")
         self.n_layer, self.n_head = first["n_layer"], first["n_head"]
         self.prompt_template = first["prompt_template"]
 
@@ -290,12 +299,19 @@ class Pool:
         self._starting[h.info.remote()] = aid
 
     def _started(self, ref) -> None:
+        from . import __version__
+
         aid = self._starting.pop(ref)
         try:
             info = self.ray.get(ref)
-        except self.ray.exceptions.RayActorError:
+        except self.ray.exceptions.RayActorError as e:  # e.g. vhr-edge not installed on that node
+            self.last_error = _err_line(e)
             self._lost(aid)
             return
+        if info["version"] != __version__:
+            self.close()
+            raise ConfigError(f"a Ray worker on {info['node']} runs vhr-edge {info['version']}, this is {__version__}; "
+                              "install the same version on every node")
         if info["error"]:
             self.ray.kill(self._handles.pop(aid))
             if not self.infos and not self._starting:

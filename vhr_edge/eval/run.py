@@ -20,7 +20,7 @@ Summaries are recomputed from the captions of all lines, so they follow the curr
 Each line is fsync'ed as it is written (a line counts only once it is on disk).
 
 The work itself is a captioner (answerer for POPE): a function called once per item, in order,
-or an object with `map_unordered(units)` that yields (unit, result) as results finish anywhere
+or an object with `map_unordered(units)` that yields (index, result) as results finish anywhere
 (`cluster.Pool` on Ray). Either way this module alone writes the file. A result may be a
 `Failed` (a unit that failed on every try): it is written as a row with "error" and "tries"
 (once per id), left out of the scores (the summary says "n_failed"), and tried again by the
