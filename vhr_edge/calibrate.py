@@ -21,6 +21,9 @@ control (same layers, alpha and head counts per layer; heads chosen at random) i
 chosen setting and shown next to it; a setting other than the paper rule is adopted only if it
 also beats its control beyond the bootstrap uncertainty. Writes the profile (beside the model,
 or --profile-out) and DIR/sweep.md + DIR/sweep.json.
+
+--ray ADDRESS captions on the Ray actors of an existing cluster (one model loaded per actor,
+kept for every setting); this process writes the same files (docs/cluster.md).
 """
 
 from __future__ import annotations
