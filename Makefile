@@ -27,7 +27,7 @@ build: $(VENV)/.llama-cpp-python
 	$(PIP) install -q --no-build-isolation -e ".[test]"
 
 setup: build
-	$(PIP) install -q --no-build-isolation -e ".[test,oracle]"
+	$(PIP) install -q --no-build-isolation -e ".[test,oracle,cluster]"
 
 # The main job: caption the bundled counterfactual examples with the testbed model in models/
 # (VHR and plain greedy side by side); without models/ it falls back to a random tiny model.

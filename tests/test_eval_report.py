@@ -69,6 +69,13 @@ def test_only_shared_ids_are_paired(tmp_path):
     assert d["n"] == 1 and d["chair_s"]["estimate"] == -1.0
 
 
+def test_failed_rows_are_not_captions(tmp_path):
+    write(tmp_path, "greedy", [rec(1, ["fork", "knife"], ["fork"]), {"image_id": 2, "error": "boom", "tries": 3},
+                               rec(3, ["dog"], ["dog"])])
+    r = report(read_runs(tmp_path), None, n_boot=50)["methods"]["greedy"]
+    assert r["n"] == 2 and r["chair_s"]["value"] == 0.5
+
+
 def test_bad_input(tmp_path):
     with pytest.raises(ConfigError, match="no CHAIR runs"):
         read_runs(tmp_path)

@@ -8,7 +8,8 @@ DIR share their image ids). Per method: CHAIR_S, CHAIR_I and recall with 95% per
 intervals from resampling images (CHAIR_I and recall are ratios of sums: each resample sums
 the counts of its images again). Against the baseline, the differences are PAIRED: one
 resample of image ids is applied to both methods, over the ids both runs finished. Rows hold
-the mentions recorded in the JSONL (the matching rules of the run that wrote them).
+the mentions recorded in the JSONL (the matching rules of the run that wrote them); failed rows
+(`{"image_id", "error", "tries"}`, a unit that failed on every try) are not captions and are left out.
 """
 
 from __future__ import annotations
@@ -57,10 +58,12 @@ def read_runs(out: Path) -> dict[str, dict[str, dict]]:
                 continue
             try:
                 rec = json.loads(line)
+                if "error" in rec:  # a unit that failed on every try (eval/run.py): not a caption
+                    continue
                 _counts(rec)
             except (ValueError, KeyError, TypeError):
                 raise ConfigError(f"{path} line {n} is not a CHAIR result line") from None
-            recs[str(rec["image_id"])] = rec
+            recs[str(rec["image_id"])] = rec  # a later success of a failed id follows its failed row
         if recs:
             runs[tag] = recs
     if not runs:
