@@ -2,6 +2,7 @@
 
     python bench/overhead.py [--quick] [-m MODEL.gguf ... --mmproj MMPROJ] [--runs 7] [--tokens 64]
     python bench/overhead.py --7b          # LLaVA-1.5-7B decoder widths, 8 of 32 layers, Q4_0 + Q4_K_M
+    python bench/overhead.py --7b -ngl -1  # the same with every layer on the GPU (CUDA build)
 
 For each model (default: the bundled testbed F16, Q8_0, Q4_K_M; --quick: F16 only, fewer
 runs): the same image and prompt, a FIXED number of generated tokens (EOS ignored), runs
@@ -69,20 +70,20 @@ def cache_dir() -> Path:
     return Path(os.environ.get("VHR_EDGE_CACHE", Path.home() / ".cache" / "vhr-edge")) / "bench-7b"
 
 
-def models_7b(threads: int) -> tuple[list[Path], Path]:
+def models_7b(threads: int, n_layer: int = 8) -> tuple[list[Path], Path]:
     """The 7B-shaped Q4_0 / Q4_K_M text models and their mmproj, written on first use."""
     from vhr_edge import fixtures
 
     d = cache_dir()
     d.mkdir(parents=True, exist_ok=True)
-    spec = fixtures.llava_7b_shaped(n_layer=8)
-    names = {"Q4_0": d / "llava7b-shaped-8l-q4_0.gguf", "Q4_K_M": d / "llava7b-shaped-8l-q4_k_m.gguf"}
+    spec = fixtures.llava_7b_shaped(n_layer=n_layer)
+    names = {"Q4_0": d / f"llava7b-shaped-{n_layer}l-q4_0.gguf", "Q4_K_M": d / f"llava7b-shaped-{n_layer}l-q4_k_m.gguf"}
     mmproj = d / "llava7b-shaped-mmproj.gguf"
     if not mmproj.is_file():
         fixtures.write_mmproj(mmproj.with_suffix(".tmp"), spec).rename(mmproj)
     missing = {k: v for k, v in names.items() if not v.is_file()}
     if missing:
-        f16 = d / "llava7b-shaped-8l-f16.gguf"
+        f16 = d / f"llava7b-shaped-{n_layer}l-f16.gguf"
         t0 = time.time()
         print(f"writing the 7B-shaped model into {d} (once) ...", flush=True)
         fixtures.write_text_model(f16, spec)
@@ -125,7 +126,7 @@ def child_peak_rss(model: Path, mmproj: Path, mode: str, tokens: int, threads: d
 
 
 def bench_model(model: Path, mmproj: Path, runs: int, tokens: int, threads: dict, rss_captions: int = 3) -> dict:
-    """threads: Session's n_threads / n_threads_batch."""
+    """threads: Session's n_threads / n_threads_batch / n_gpu_layers."""
     from vhr_edge import Session
 
     s = Session(model, mmproj, **threads)
@@ -174,11 +175,15 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, help="tokens per caption (64; --7b: 48)")
     ap.add_argument("-t", "--threads", type=int, default=0, help="decode threads (default: all)")
     ap.add_argument("-tb", "--threads-batch", type=int, default=0, help="prefill / encoder threads (default: as -t)")
+    ap.add_argument("-ngl", "--n-gpu-layers", dest="n_gpu_layers", type=int, default=0,
+                    help="layers on the GPU (-1 = all; needs a GPU build of llama-cpp-python); peak RSS is host memory")
+    ap.add_argument("--n-layer", type=int, default=8,
+                    help="--7b: decoder layers of the written model (8; 32 is the real depth, ~13 GB to write)")
     a = ap.parse_args()
-    threads = {"n_threads": a.threads, "n_threads_batch": a.threads_batch}
+    threads = {"n_threads": a.threads, "n_threads_batch": a.threads_batch, "n_gpu_layers": a.n_gpu_layers}
     rss_captions = 3
     if a.shaped_7b:
-        models, mmproj = models_7b(a.threads)
+        models, mmproj = models_7b(a.threads, a.n_layer)
         rss_captions = 1
     elif a.model:
         models, mmproj = a.model, a.mmproj

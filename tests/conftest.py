@@ -1,11 +1,32 @@
-"""Shared fixtures: tiny LLaVA pairs written with the gguf package (vhr_edge.fixtures)."""
+"""Shared fixtures: tiny LLaVA pairs written with the gguf package (vhr_edge.fixtures).
+
+VHR_EDGE_TEST_NGL=-1 (bench/gpu_check.sh sets it on a GPU machine) makes every Session the
+tests open offload that many layers (and the vision projector) to the GPU, unless the test
+passes n_gpu_layers itself.
+"""
 
 from __future__ import annotations
+
+import functools
+import os
 
 import numpy as np
 import pytest
 
 from vhr_edge import fixtures
+from vhr_edge import session as _session
+
+TEST_NGL = int(os.environ.get("VHR_EDGE_TEST_NGL", "0"))
+if TEST_NGL and not getattr(_session.Session.__init__, "_test_ngl", False):
+    _plain_init = _session.Session.__init__
+
+    @functools.wraps(_plain_init)
+    def _init_with_ngl(self, *args, **kwargs):
+        kwargs.setdefault("n_gpu_layers", TEST_NGL)
+        _plain_init(self, *args, **kwargs)
+
+    _init_with_ngl._test_ngl = True
+    _session.Session.__init__ = _init_with_ngl
 
 # 8 layers so that "auto" is the spec's proportional set {1, 4..7}.
 SPEC = fixtures.TinySpec(n_layer=8, n_embd=64, n_head=4, n_ff=128, seed=0)

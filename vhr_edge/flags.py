@@ -29,15 +29,15 @@ class Parser(argparse.ArgumentParser):
 
 
 def default_model_paths() -> tuple[str | None, str | None]:
-    """$VHR_EDGE_MODEL / $VHR_EDGE_MMPROJ, else the bundled testbed in the checkout's models/."""
+    """$VHR_EDGE_MODEL / $VHR_EDGE_MMPROJ, else the bundled testbed: the wheel's package data or
+    the checkout's models/ (vhr_edge.bundled)."""
+    from .bundled import default_model
+
     model, mmproj = os.environ.get("VHR_EDGE_MODEL"), os.environ.get("VHR_EDGE_MMPROJ")
     if model:
         return model, mmproj
-    models_dir = Path(__file__).resolve().parent.parent / "models"
-    for name in ("testbed-f16.gguf", "testbed.gguf"):
-        if (models_dir / name).is_file():
-            return str(models_dir / name), mmproj
-    return None, mmproj
+    found = default_model()
+    return (str(found) if found else None), mmproj
 
 
 def find_mmproj(model: str) -> str | None:

@@ -174,6 +174,7 @@ class Session:
         self.model_path = _check_file(model, "model")
         self.mmproj_path = _check_file(mmproj, "mmproj")
         fa = -1 if flash_attn is None else int(bool(flash_attn))
+        self.n_gpu_layers = n_gpu_layers
         try:
             self._runner = self._engine.Runner(
                 self.model_path, self.mmproj_path, n_threads=n_threads, n_gpu_layers=n_gpu_layers,

@@ -36,8 +36,9 @@ COLUMNS = ["model", "method", "chair_s", "chair_i", "recall", "pope_f1", "mean_l
 
 
 def default_models() -> list[Path]:
-    models = Path(__file__).resolve().parent.parent.parent / "models"
-    return [models / n for n in ("testbed-f16.gguf", "testbed-q8_0.gguf", "testbed-q4_k_m.gguf")]
+    from ..bundled import quantizations
+
+    return quantizations()
 
 
 def run_child(args: list[str]) -> tuple[dict, float, float]:
