@@ -14,10 +14,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-pytest.importorskip("torch")
-pytest.importorskip("transformers")
+from conftest import GQA_SPEC, SPEC, oracle_import, scene  # noqa: E402
 
-from conftest import GQA_SPEC, SPEC, scene  # noqa: E402
+oracle_import("torch")
+oracle_import("transformers")
+
 from vhr_edge import DEFAULT_PROMPT  # noqa: E402
 from vhr_edge.layers import auto_layers  # noqa: E402
 from vhr_edge.oracle import load_hf_llama_from_gguf, vhr_reference  # noqa: E402
