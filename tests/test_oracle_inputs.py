@@ -146,3 +146,69 @@ def test_engine_matches_the_oracle_on_its_own_inputs(session, hf, hf_tokenizer, 
         assert r.vhr.selected_heads == o["selected_heads"]
         for l in LAYERS:
             assert rel(r.vhr.vhd[l], o["vhd"][l]) <= 5e-3
+
+
+def joint_reference(model, prefix, rows, suffix, layers, alpha=2.0):
+    """The "joint" variant (both prompts in one batch, both reinforced) in transformers: the
+    image prompt and the text-only prompt as a padded batch of two; at each VHR layer the heads
+    are scored between the two last positions, selected by the spec's rule and scaled in every
+    position of BOTH sequences. Returns (first logits, sqrt(D) per layer, heads per layer)."""
+    cfg = model.config
+    n_head = cfg.num_attention_heads
+    emb = model.get_input_embeddings()
+    with torch.no_grad():
+        pre = emb(torch.as_tensor(prefix, dtype=torch.long))
+        suf = emb(torch.as_tensor(suffix, dtype=torch.long))
+        seq0 = torch.cat([pre, torch.as_tensor(np.asarray(rows, np.float32)), suf])
+        seq1 = torch.cat([pre, suf])
+        L0, L1 = seq0.shape[0], seq1.shape[0]
+        x = torch.zeros(2, L0, seq0.shape[1])
+        x[0], x[1, :L1] = seq0, seq1
+        mask = torch.zeros(2, L0, dtype=torch.long)
+        mask[0], mask[1, :L1] = 1, 1
+        vhd, heads = {}, {}
+
+        def hook(layer):
+            def pre_hook(mod, args):
+                a = args[0]
+                hd = a.shape[-1] // n_head
+                diff = (a[0, L0 - 1] - a[1, L1 - 1]).reshape(n_head, hd).double()
+                ref = a[1, L1 - 1].reshape(n_head, hd).double()
+                d = (diff ** 2).sum(-1).numpy().astype(np.float32)
+                ta = (ref ** 2).sum(-1).numpy().astype(np.float32)
+                dd, tt = d.astype(np.float64), ta.astype(np.float64)
+                if dd.std(ddof=1) > 1:
+                    dd[(dd > dd.mean() + dd.std(ddof=1)) & (tt > tt.mean() + tt.std(ddof=1))] = 0.0
+                heads[layer] = [int(i) for i in np.flatnonzero(dd > np.median(dd))]
+                vhd[layer] = np.sqrt(d)
+                scale = torch.ones(n_head)
+                scale[heads[layer]] = alpha
+                return (a * scale.repeat_interleave(hd),) + args[1:]
+            return pre_hook
+
+        hs = [model.model.layers[l].self_attn.o_proj.register_forward_pre_hook(hook(l)) for l in layers]
+        try:
+            out = model(inputs_embeds=x, attention_mask=mask, position_ids=torch.arange(L0).repeat(2, 1),
+                        use_cache=False)
+        finally:
+            for h in hs:
+                h.remove()
+    return out.logits[0, L0 - 1].float().numpy(), vhd, heads
+
+
+@pytest.mark.parametrize("seed", [1, 2])
+def test_joint_variant_matches_a_batched_reference(session, hf, hf_tokenizer, tower, seed):
+    """The engine's joint variant shares the prefix rows between its two sequences; the
+    reference runs them as two separate sequences."""
+    img = scene(seed)
+    prefix, suffix = own_prompt_tokens(hf_tokenizer, session.prompt_template, DEFAULT_PROMPT)
+    rows = own_image_rows(tower, img)[1]
+    first, vhd, heads = joint_reference(hf, prefix, rows, suffix, LAYERS)
+    r = session.caption(img, DEFAULT_PROMPT, reference="joint", layers=LAYERS, n_predict=1, keep_logits=True)
+    assert r.vhr.reference == "joint" and r.vhr.selected_heads == heads
+    for l in LAYERS:
+        assert rel(r.vhr.vhd[l], vhd[l]) <= 2e-3, l
+    span = float(first.max() - first.min())
+    assert np.abs(r.first_logits - first).max() <= 1e-3 * span
+    released = session.caption(img, DEFAULT_PROMPT, layers=LAYERS, n_predict=1, keep_logits=True)
+    assert np.abs(released.first_logits - first).max() > 1e-2 * span  # the variants differ: the check can fail
