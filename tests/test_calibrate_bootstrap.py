@@ -105,3 +105,52 @@ def test_a_strictly_better_candidate_replaces_the_paper_rule():
     lo, hi = d.ci["paper"]
     assert abs(lo - binom_quantile(N, 0.5, 0.025) / N) <= 1 / N + 1e-9
     assert abs(hi - binom_quantile(N, 0.5, 0.975) / N) <= 1 / N + 1e-9
+
+
+def test_seeded_and_checked():
+    """The seed decides the resamples (the same seed: the same interval; the decision too)."""
+    a = [1, 0, 1, 1, 0, 0, 1, 0] * 5
+    b = [1, 1, 0, 1, 1, 0, 1, 1] * 5
+    assert paired_diff(a, b, 300, seed=4) == paired_diff(a, b, 300, seed=4)
+    assert len({tuple(paired_diff(a, b, 300, seed=s)["ci"]) for s in range(6)}) > 1
+    assert bootstrap_ci(a, 300, seed=5) == bootstrap_ci(a, 300, seed=5)
+    rows = [row("paper", 20), row("cand", 14, alpha=1.5, layers=(0, 1))]
+    ctrl = {"cand": row("cand-random", 20, alpha=1.5, layers=(0, 1))}
+    one = choose(rows, row("greedy", 22), "paper", controls=ctrl, n_boot=300, seed=9).to_json()
+    two = choose(rows, row("greedy", 22), "paper", controls=ctrl, n_boot=300, seed=9).to_json()
+    assert one == two
+    with pytest.raises(ValueError, match="paired rows must cover the same images"):
+        paired_diff([1, 0], [1, 0, 1])
+
+
+def test_decision_fields():
+    """Ranking by CHAIR_S before alpha, and what the decision records besides `chosen`."""
+    paper = row("paper", 20)
+    low_alpha = row("low-alpha", 18, alpha=1.5, layers=(0, 1))  # smaller alpha, more hallucination
+    best = row("best", 12, alpha=3.0, layers=(2, 3, 4))
+    greedy = row("greedy", 22)
+    d = choose([paper, low_alpha, best], greedy, "paper", n_boot=500)
+    assert d.candidate == "best" and d.chosen == "best" and d.control_needed == "best"
+    assert not d.kept_paper and d.paper_feasible is True and d.warnings == []
+    assert d.reason == "best beats the paper rule; its random-heads control has not been run yet"
+    d = choose([paper, low_alpha, best], greedy, "paper", controls={"best": row("best-random", 21, alpha=3.0)},
+               n_boot=500)
+    assert d.chosen == "best" and d.chosen_vs_control["control"] == "best-random"
+    assert d.candidate_vs_control["beyond_uncertainty"] and d.candidate_vs_control["estimate"] == pytest.approx(-9 / N)
+    bad_paper = {**row("paper", 20), "recall": 0.5}
+    d = choose([bad_paper, low_alpha], greedy, "paper", controls={"low-alpha": row("la-random", 18, alpha=1.5)},
+               n_boot=500)
+    assert d.paper_feasible is False and d.chosen == "low-alpha"
+    assert d.warnings[0] == "the paper rule breaks the constraints: recall 0.500 is 0.300 below greedy's 0.800"
+    assert d.warnings[1] == ("low-alpha does not beat its random-heads control beyond the bootstrap uncertainty "
+                             "on this calibration set")
+    assert d.reason.endswith("the least harmful setting, not a proven one")
+
+
+def test_violation_messages():
+    from vhr_edge.profile_rule import violations
+
+    greedy = row("greedy", 22)
+    v = violations({**row("x", 10), "recall": 0.7, "mean_len": 60.0}, greedy)
+    assert v == ["recall 0.700 is 0.100 below greedy's 0.800",
+                 "mean length 60.0 vs greedy's 50.0 (more than 10% off)"]

@@ -101,6 +101,10 @@ MUTANTS: list[Mutant] = [
       "add_row(batch.b, text[i], nullptr, (llama_pos) i, true, false);",
       "add_row(batch.b, text[i], nullptr, (llama_pos) (i < (int32_t) prefix.size() ? i : i + 64), true, false);",
       (T + "test_engine.py",), "text-only positions not renumbered (a gap where the image was)"),
+    M("joint-text-not-scaled", "native/runner.cpp",
+      "m.hook.n_scaled_cols = released ? seq0_len : -1;",
+      "m.hook.n_scaled_cols = seq0_len;",
+      (T + "test_oracle_inputs.py",), "the joint variant leaves its text branch unreinforced"),
     # ---- streaming, the GIL -----------------------------------------------------------------------
     M("stream-cancel-ignored", "native/runner.cpp",
       'if (gen.on_token && !gen.on_token(tok, stream.next(r.tokens))) { r.stop_reason = "cancelled"; break; }',

@@ -6,6 +6,7 @@ print which were caught. Not part of CI (minutes, not seconds); docs/testing.md 
     .venv/bin/python tests/mutations/run.py --only fold-undo-half,outlier-dropped-in-hook
     .venv/bin/python tests/mutations/run.py --list
     .venv/bin/python tests/mutations/run.py --keep          # leave the copy for a look
+    .venv/bin/python tests/mutations/run.py --mutmut        # mutmut on MUTMUT_MODULES instead
 
 How it runs (the fastest correct way found): the repo's tracked and untracked-not-ignored files
 are copied once into a temporary folder (models/ is linked, never written). A sitecustomize.py
@@ -19,6 +20,12 @@ llama-cpp-python. Each mutant is applied as an exact search/replace pair that mu
 test files run with `pytest -x`, and the file is restored. A baseline run of all the listed
 tests on the unmutated copy comes first: a failing baseline stops the run.
 Exit status: 0 when every applicable mutant was caught, 1 otherwise.
+
+--mutmut runs mutmut (pip install mutmut, 3.x) on the pure-Python core (MUTMUT_MODULES) in the
+same kind of copy, with a setup.cfg [mutmut] section written there (the repo's pyproject.toml
+stays as it is), and prints its counts: mutmut mutates every operator, constant and string, so
+its score includes equivalent mutants and message wording; the curated list above is the goal
+(every mutant caught), mutmut's survivors are a list to read.
 """
 
 from __future__ import annotations
@@ -134,6 +141,41 @@ def apply(copy: Copy, m: Mutant) -> str | None:
     return original
 
 
+MUTMUT_MODULES = ("vhr_edge/eval/chair.py", "vhr_edge/profile_rule.py")
+MUTMUT_TESTS = ("tests/test_eval_chair.py", "tests/test_eval_run.py", "tests/test_calibrate.py",
+                "tests/test_calibrate_bootstrap.py", "tests/test_eval_values.py::test_chair_summary_by_hand")
+
+
+def run_mutmut(copy: Copy, max_children: int) -> int:
+    import json
+
+    exe = Path(copy.python).parent / "mutmut"
+    if not exe.exists():
+        print(f"mutmut is not installed for {copy.python}: pip install 'mutmut>=3.8'")
+        return 2
+    lines = ["[mutmut]", "source_paths=", "    vhr_edge", "only_mutate="]
+    lines += [f"    {m}" for m in MUTMUT_MODULES]
+    lines += ["pytest_add_cli_args_test_selection="] + [f"    {t}" for t in MUTMUT_TESTS]
+    lines += ["pytest_add_cli_args=", "    -p", "    no:cacheprovider", ""]
+    (copy.repo / "setup.cfg").write_text("\n".join(lines))
+    t0 = time.monotonic()
+    r = subprocess.run([str(exe), "run", "--max-children", str(max_children)], cwd=copy.repo, env=copy.env(),
+                       text=True, capture_output=True)
+    if r.returncode:
+        print((r.stdout + r.stderr)[-4000:])
+        return r.returncode
+    sh([str(exe), "export-cicd-stats"], cwd=copy.repo, env=copy.env(), check=True)
+    stats = json.loads((copy.repo / "mutants" / "mutmut-cicd-stats.json").read_text())
+    survivors = sh([str(exe), "results"], cwd=copy.repo, env=copy.env()).stdout
+    print(survivors)
+    covered = stats["total"] - stats["no_tests"] - stats["skipped"]
+    print(f"mutmut on {', '.join(MUTMUT_MODULES)} ({time.monotonic() - t0:.0f} s): "
+          + ", ".join(f"{k} {v}" for k, v in stats.items() if v))
+    print(f"killed {stats['killed'] + stats['timeout']} of {covered} mutants that tests reach "
+          f"({100 * (stats['killed'] + stats['timeout']) / max(1, covered):.1f}%)")
+    return 0
+
+
 def first_failure(output: str) -> str:
     for pat in (r"^FAILED (\S+)", r"^ERROR (\S+)"):
         hit = re.search(pat, output, re.M)
@@ -150,6 +192,8 @@ def main(argv=None) -> int:
     ap.add_argument("--no-baseline", action="store_true", help="skip the unmutated run of the listed tests")
     ap.add_argument("--timeout", type=float, default=900, help="seconds per mutant's tests (timeout = caught)")
     ap.add_argument("--python", default=sys.executable)
+    ap.add_argument("--mutmut", action="store_true", help="run mutmut on MUTMUT_MODULES instead of the curated list")
+    ap.add_argument("--max-children", type=int, default=2, help="mutmut's parallel workers")
     args = ap.parse_args(argv)
 
     mutants = MUTANTS
@@ -169,6 +213,8 @@ def main(argv=None) -> int:
     t_start = time.monotonic()
     try:
         copy.make()
+        if args.mutmut:
+            return run_mutmut(copy, args.max_children)
         if not args.no_baseline:
             tests = sorted({t for m in mutants for t in m.tests})
             print(f"baseline: {len(tests)} test files on the unmutated copy ...", flush=True)
