@@ -137,7 +137,10 @@ def apply(copy: Copy, m: Mutant) -> str | None:
     n = original.count(m.search)
     if n != 1:
         return None
-    (copy.repo / m.file).write_text(original.replace(m.search, m.replace, 1))
+    mutated = original.replace(m.search, m.replace, 1)
+    if m.file.endswith(".py"):
+        compile(mutated, m.file, "exec")  # a mutant must be a program, not a syntax error
+    (copy.repo / m.file).write_text(mutated)
     return original
 
 
@@ -226,7 +229,12 @@ def main(argv=None) -> int:
             print(f"baseline passed in {secs:.0f} s", flush=True)
         rows = []
         for m in mutants:
-            original = apply(copy, m)
+            try:
+                original = apply(copy, m)
+            except SyntaxError as e:
+                rows.append((m, "invalid", 0.0, f"the mutated file does not compile: {e}"))
+                print(f"{m.id:<28} invalid (the mutated file does not compile: {e})", flush=True)
+                continue
             if original is None:
                 rows.append((m, "stale", 0.0, "search text not found exactly once"))
                 print(f"{m.id:<28} stale (search text not found exactly once in {m.file})", flush=True)
@@ -260,15 +268,15 @@ def main(argv=None) -> int:
         else:
             shutil.rmtree(root, ignore_errors=True)
 
-    applicable = [r for r in rows if r[1] not in ("stale",)]
+    applicable = [r for r in rows if r[1] not in ("stale", "invalid")]
     caught = [r for r in rows if r[1] == "caught"]
     print()
     print(f"{'mutant':<28} {'file':<28} {'status':<7} {'s':>6}  caught by / what")
     for m, status, secs, note in rows:
         print(f"{m.id:<28} {m.file:<28} {status:<7} {secs:6.1f}  {note or m.what}")
     print(f"\ncaught {len(caught)} of {len(applicable)} mutants"
-          f" ({len(rows) - len(applicable)} stale) in {time.monotonic() - t_start:.0f} s")
-    return 0 if len(caught) == len(applicable) and applicable else 1
+          f" ({len(rows) - len(applicable)} stale or invalid) in {time.monotonic() - t_start:.0f} s")
+    return 0 if len(caught) == len(applicable) == len(rows) and rows else 1
 
 
 if __name__ == "__main__":
