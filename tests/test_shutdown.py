@@ -179,3 +179,45 @@ def test_watch_sigterm_writes_the_caption_in_progress(tiny, tmp_path):
     second = json.loads(lines[0])
     assert second["image"] == str(frames[1]) and second["timings"]["n_decoded"] == n - 1
     assert len(second["text"]) > 200 and "Traceback" not in err
+
+
+def test_stop_waits_for_the_replies_in_flight(session, monkeypatch):
+    """stop() returns only once the handlers have sent what the worker finished (otherwise a
+    process that exits right after it loses those replies). Made deterministic by building the
+    reply slowly: without the wait, stop() would return while the reply is still unsent."""
+    import select
+    import socket
+
+    import vhr_edge.serve as serve_mod
+    from vhr_edge.serve import make_server
+
+    real = serve_mod.completion_body
+
+    def slow(job, model_name):
+        time.sleep(0.5)
+        return real(job, model_name)
+
+    monkeypatch.setattr(serve_mod, "completion_body", slow)
+    srv, service = make_server(session, "127.0.0.1", 0)
+    t = threading.Thread(target=srv.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+    t.start()
+    try:
+        body = json.dumps(chat(data_uri(png(scene(1))), max_tokens=32)).encode()
+        sock = socket.create_connection(srv.server_address[:2], timeout=60)
+        sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                     b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+        wait_for(lambda: service.busy or service.served, "the caption to be taken")
+        srv.shutdown()
+        service.stop()
+        assert select.select([sock], [], [], 0)[0], "stop() returned before the reply was sent"
+        data = b""
+        while b"\r\n\r\n" not in data or len(data.split(b"\r\n\r\n", 1)[1]) < int(
+                re.search(rb"Content-Length: (\d+)", data).group(1)):
+            chunk = sock.recv(65536)
+            assert chunk, data
+            data += chunk
+        sock.close()
+        assert data.startswith(b"HTTP/1.1 200")
+        assert json.loads(data.split(b"\r\n\r\n", 1)[1])["usage"]["completion_tokens"] == 32
+    finally:
+        srv.server_close()
