@@ -8,6 +8,7 @@ passes n_gpu_layers itself.
 from __future__ import annotations
 
 import functools
+import importlib
 import os
 
 import numpy as np
@@ -27,6 +28,24 @@ if TEST_NGL and not getattr(_session.Session.__init__, "_test_ngl", False):
 
     _init_with_ngl._test_ngl = True
     _session.Session.__init__ = _init_with_ngl
+
+# `make test` sets this: the tests against the PyTorch/transformers oracle (the `oracle` extra)
+# must run there, so a torch that stops importing fails the suite instead of skipping it.
+REQUIRE_ORACLE_ENV = "VHR_EDGE_REQUIRE_ORACLE"
+
+
+def oracle_import(name: str):
+    """pytest.importorskip for a module of the `oracle` extra (torch, transformers, ...):
+    a user without the extra skips those tests; with $VHR_EDGE_REQUIRE_ORACLE=1 (`make test`)
+    a module that does not import is a failure."""
+    if os.environ.get(REQUIRE_ORACLE_ENV, "") not in ("", "0"):
+        try:
+            return importlib.import_module(name)
+        except Exception as e:  # ImportError, or a broken install raising something else
+            pytest.fail(f"{name} does not import ({type(e).__name__}: {e}) but {REQUIRE_ORACLE_ENV}=1 requires the "
+                        "oracle tests: install the oracle extra (make setup), or unset it to skip them", pytrace=False)
+    return pytest.importorskip(name)
+
 
 # 8 layers so that "auto" is the spec's proportional set {1, 4..7}.
 SPEC = fixtures.TinySpec(n_layer=8, n_embd=64, n_head=4, n_ff=128, seed=0)

@@ -14,9 +14,11 @@ import shutil
 import numpy as np
 import pytest
 
-torch = pytest.importorskip("torch")
-pytest.importorskip("transformers")
-pytest.importorskip("sentencepiece")
+from conftest import oracle_import
+
+torch = oracle_import("torch")
+oracle_import("transformers")
+oracle_import("sentencepiece")
 gguf = pytest.importorskip("gguf")
 
 from vhr_edge import export  # noqa: E402

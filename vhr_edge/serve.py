@@ -56,6 +56,8 @@ class CaptionService:
         self.busy = False
         self.last: Optional[dict] = None  # the last caption's stop_reason and completion_tokens
         self._stopping = threading.Event()
+        self._replying = 0  # POST handlers still answering (a finished caption's reply may not be sent yet)
+        self._replies_done = threading.Condition()
         self._worker = threading.Thread(target=self._run, name="vhr-edge-engine", daemon=True)
         self._worker.start()
 
@@ -104,7 +106,8 @@ class CaptionService:
                 job.finish()
 
     def stop(self) -> None:
-        """Finish the caption in progress, refuse the rest (503), stop the worker."""
+        """Finish the caption in progress, refuse the rest (503), stop the worker, and wait (30 s at
+        most) until the handlers have sent the replies of what it finished."""
         self._stopping.set()
         while True:
             try:
@@ -116,6 +119,17 @@ class CaptionService:
                 job.finish()
         self.jobs.put(None)
         self._worker.join(timeout=60)
+        with self._replies_done:  # let the handlers send what the worker finished before the process exits
+            self._replies_done.wait_for(lambda: self._replying == 0, timeout=30)
+
+    def reply_started(self) -> None:
+        with self._replies_done:
+            self._replying += 1
+
+    def reply_done(self) -> None:
+        with self._replies_done:
+            self._replying -= 1
+            self._replies_done.notify_all()
 
 
 # ---- HTTP ----------------------------------------------------------------------------
@@ -173,6 +187,13 @@ class Handler(BaseHTTPRequestHandler):
         self._error(HttpError(404, f"no route {path}", "not_found"))
 
     def do_POST(self):
+        self.service.reply_started()  # stop() waits for this reply to be sent
+        try:
+            self._post()
+        finally:
+            self.service.reply_done()
+
+    def _post(self):
         try:
             body = self._read_body()  # always drain the body, so the connection stays usable
             if self.path.split("?")[0] != "/v1/chat/completions":
