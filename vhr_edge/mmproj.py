@@ -50,13 +50,17 @@ class MmprojPlan:
     image_std: list[float]
     pinpoints: list[list[int]] = field(default_factory=list)  # LLaVA-1.6 anyres resolutions (h, w)
     has_newline: bool = False  # model.image_newline (LLaVA-1.6)
-    class_token_first: bool = False  # correction 1 applies
-    feature_layer: Optional[int] = None  # correction 2: the clip.vision.feature_layer to add
-    as_is: bool = False  # the user asked for llama.cpp's behaviour
+    class_token_first: bool = False  # correction 1 is needed
+    feature_layer: Optional[int] = None  # correction 2 is needed: the clip.vision.feature_layer to add
+    as_is: bool = False  # the user asked for llama.cpp's behaviour: nothing is applied
 
     @property
     def needs_correction(self) -> bool:
         return self.class_token_first or self.feature_layer is not None
+
+    @property
+    def applied(self) -> bool:
+        return self.needs_correction and not self.as_is
 
     @property
     def anyres(self) -> bool:
@@ -79,13 +83,13 @@ class MmprojPlan:
         return out
 
     def describe(self) -> str:
-        """The one line a command prints when corrections apply (or are turned off)."""
+        """The one line a session says (on stderr by default) with its first image when corrections apply."""
         name = Path(self.path).name
         if not self.needs_correction:
             return ""
         what = "; ".join(self.corrections())
         if self.as_is:
-            return f"vhr-edge: {name}: run as llama.cpp does (--mmproj-as-is); it would correct: {what}"
+            return f"vhr-edge: {name}: run as llama.cpp does (--mmproj-as-is), without correcting: {what}"
         return f"vhr-edge: {name}: correcting llama.cpp's LLaVA vision graph: {what}; --mmproj-as-is turns this off"
 
 
@@ -95,7 +99,7 @@ def _fields(path: str):
     try:
         r = gguf.GGUFReader(path)
     except Exception as e:  # the gguf package raises ValueError, struct.error, IndexError ...
-        raise ModelError(f"cannot read mmproj {path} as GGUF ({type(e).__name__}: {e})") from None
+        raise ModelError(f"cannot read mmproj {path}: not a GGUF file, or truncated ({type(e).__name__}: {e})") from None
     return r
 
 
@@ -124,7 +128,7 @@ def plan(path, as_is: bool = False) -> MmprojPlan:
         # LLaVA-1.6 set is symmetric, so either reading selects the same tiling
         p.pinpoints = [[int(pins[i]), int(pins[i + 1])] for i in range(0, len(pins) - 1, 2)]
     llava = proj in LLAVA_GRAPH and val("clip.has_llava_projector", True)
-    if llava and not as_is:
+    if llava:
         p.class_token_first = p.has_class_token
         if p.feature_layers is None and p.block_count > 0:
             p.feature_layer = p.block_count
@@ -177,7 +181,7 @@ def prepare(path, as_is: bool = False, notice: Optional[Callable[[str], None]] =
     to the cache the first time (notice says so first, since a 7B mmproj takes a few seconds)."""
     p = plan(path, as_is=as_is)
     load = str(path)
-    if p.feature_layer is not None:
+    if p.feature_layer is not None and not as_is:
         dst = corrected_path(p)
         if not dst.is_file():
             if notice:

@@ -32,6 +32,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -46,7 +47,11 @@ LLAMA_CPP_PYTHON = "0.3.36"
 PINPOINTS = [[336, 672], [672, 336], [672, 672], [1008, 336], [336, 1008]]  # LLaVA-1.6's
 REPO = Path(__file__).resolve().parents[1]
 TOKENIZER = REPO / "models" / "testbed-hf" / "tokenizer.model"  # 1024 SentencePiece pieces, <s>=1 </s>=2
-_SCRIPTS = ("tools/mtmd/legacy-models/", "examples/convert_legacy_llama.py", "gguf-py/")
+_SCRIPTS = ("tools/mtmd/legacy-models/", "tools/mtmd/requirements.txt", "examples/convert_legacy_llama.py", "gguf-py/",
+            "requirements/")
+# what the pinned transformers needs beside it (the rest -- torch, numpy, safetensors, sentencepiece,
+# regex ... -- comes from the oracle extra)
+_CONVERTER_DEPS = ("tokenizers>=0.22,<=0.23.0", "huggingface_hub>=0.34,<1.0")
 
 
 @dataclass(frozen=True)
@@ -101,7 +106,7 @@ def llama_cpp_tree(cache: Path | None = None) -> Path:
         return root
     base = (cache or cache_root()) / "llama-cpp-python-sdist"
     root = base / f"llama_cpp_python-{LLAMA_CPP_PYTHON}" / "vendor" / "llama.cpp"
-    if (root / "examples/convert_legacy_llama.py").is_file():
+    if all((root / part.rstrip("/")).exists() for part in _SCRIPTS):
         return root
     base.mkdir(parents=True, exist_ok=True)
     tarballs = sorted(base.glob(f"llama_cpp_python-{LLAMA_CPP_PYTHON}.tar.gz"))
@@ -120,12 +125,35 @@ def llama_cpp_tree(cache: Path | None = None) -> Path:
     return root
 
 
-def _run(tree: Path, script: str, args: list, log: Path) -> None:
+def converter_packages(tree: Path, cache: Path | None = None) -> Path:
+    """The transformers the recipe pins (tools/mtmd/requirements.txt -> requirements-convert_legacy_llama.txt:
+    transformers==4.57.6), installed once into the cache with pip --target and put first on the
+    scripts' PYTHONPATH: with transformers 5, CLIPVisionModel has no .vision_model and the 1.6
+    recipe's convert_image_encoder_to_gguf.py --clip-model-is-vision fails."""
+    req = (tree / "requirements" / "requirements-convert_legacy_llama.txt").read_text()
+    pin = re.search(r"^transformers==([0-9.]+)", req, re.M)
+    if not pin:
+        raise RuntimeError(f"no transformers pin in {tree / 'requirements'}")
+    d = (cache or cache_root()) / "converter-packages" / f"transformers-{pin.group(1)}"
+    if (d / "transformers").is_dir():
+        return d
+    _log(f"installing the recipe's transformers=={pin.group(1)} for the converters into {d}")
+    tmp = d.with_name(d.name + f".tmp{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target", str(tmp),
+                    f"transformers=={pin.group(1)}", *_CONVERTER_DEPS], check=True)
+    shutil.rmtree(d, ignore_errors=True)
+    os.replace(tmp, d)
+    return d
+
+
+def _run(tree: Path, script: str, args: list, log: Path, packages: Path) -> None:
     cmd = [sys.executable, str(tree / script), *map(str, args)]
+    env = dict(os.environ, PYTHONPATH=str(packages) + os.pathsep + os.environ.get("PYTHONPATH", ""))
     with open(log, "a") as f:
         f.write("$ " + " ".join(cmd) + "\n")
         f.flush()
-        rc = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, cwd=log.parent).returncode
+        rc = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, cwd=log.parent, env=env).returncode
     if rc != 0:
         tail = log.read_text(errors="replace").splitlines()[-15:]
         raise RuntimeError(f"{script} failed (exit {rc}); last lines of {log}:\n" + "\n".join(tail))
@@ -250,10 +278,12 @@ def _write_llava_repo(model, spec: RealSpec, d: Path, vision: dict) -> None:
 
 def _write_clip_repo(model, spec: RealSpec, d: Path, vision: dict) -> None:
     """openai/clip-vit-large-patch14-336's layout: a two-tower CLIPModel (a tiny random text tower)
-    whose vision tower is the LLaVA one, with its processor (CLIPImageProcessor + a byte-level BPE
-    tokenizer); config.json written in full, as the original is."""
+    whose vision tower is the LLaVA one, as pytorch_model.bin, its full config.json, the
+    preprocessor_config.json and a byte-level BPE tokenizer (vocab.json, merges.txt)."""
     import torch
-    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor, CLIPTextConfig, CLIPTokenizer
+    from transformers import CLIPConfig, CLIPModel, CLIPTextConfig
+
+    from .fixtures import CLIP_MEAN, CLIP_STD
 
     d.mkdir(parents=True)
     bs = list(range(33, 127)) + list(range(161, 173)) + list(range(174, 256))
@@ -261,20 +291,28 @@ def _write_clip_repo(model, spec: RealSpec, d: Path, vision: dict) -> None:
     vocab = {c: i for i, c in enumerate(chars + [c + "</w>" for c in chars] + ["<|startoftext|>", "<|endoftext|>"])}
     (d / "vocab.json").write_text(json.dumps(vocab))
     (d / "merges.txt").write_text("#version: 0.2\n")
+    special = {"bos_token": "<|startoftext|>", "eos_token": "<|endoftext|>", "unk_token": "<|endoftext|>",
+               "pad_token": "<|endoftext|>"}
+    (d / "special_tokens_map.json").write_text(json.dumps(special))
+    (d / "tokenizer_config.json").write_text(json.dumps({**special, "model_max_length": 77,
+                                                         "tokenizer_class": "CLIPTokenizer"}))
+    (d / "preprocessor_config.json").write_text(json.dumps({
+        "crop_size": spec.image_size, "do_center_crop": True, "do_normalize": True, "do_resize": True,
+        "feature_extractor_type": "CLIPFeatureExtractor", "image_mean": CLIP_MEAN, "image_std": CLIP_STD,
+        "resample": 3, "size": spec.image_size}))
     tcfg = CLIPTextConfig(vocab_size=len(vocab), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
                           num_attention_heads=2, max_position_embeddings=77, projection_dim=32,
                           bos_token_id=len(vocab) - 2, eos_token_id=len(vocab) - 1)
     cfg = CLIPConfig(text_config=tcfg.to_dict(), vision_config=model.config.vision_config.to_dict(), projection_dim=32)
     clip = CLIPModel(cfg).eval()
-    with torch.no_grad():
-        missing = clip.load_state_dict({**clip.state_dict(), **{k: v.float() for k, v in vision.items()}})
-    assert not missing.missing_keys and not missing.unexpected_keys
-    clip.half().save_pretrained(d)
-    (d / "config.json").write_text(json.dumps(_full_config(cfg), indent=2))
-    proc = CLIPProcessor(image_processor=CLIPImageProcessor(size={"shortest_edge": spec.image_size},
-                                                            crop_size={"height": spec.image_size, "width": spec.image_size}),
-                         tokenizer=CLIPTokenizer(str(d / "vocab.json"), str(d / "merges.txt")))
-    proc.save_pretrained(d)
+    sd = {k: v.detach() for k, v in clip.state_dict().items() if not k.startswith("vision_model.")}
+    sd.update({k: v.float() for k, v in vision.items()})
+    missing = set(clip.state_dict()) - set(sd)
+    assert not missing, missing
+    torch.save(sd, d / "pytorch_model.bin")
+    c = _full_config(cfg)
+    c["architectures"] = ["CLIPModel"]
+    (d / "config.json").write_text(json.dumps(c, indent=2))
 
 
 def _vit_config(model, spec: RealSpec) -> dict:
@@ -310,6 +348,7 @@ def build(which: str = "1.5", cache: Path | None = None, spec: RealSpec | None =
     if not TOKENIZER.is_file():
         raise FileNotFoundError(f"{TOKENIZER} (the testbed tokenizer the fixture uses) is missing")
     tree = llama_cpp_tree(cache)
+    packages = converter_packages(tree, cache)
     work = root.with_name(root.name + f".tmp{os.getpid()}")
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
@@ -323,22 +362,22 @@ def build(which: str = "1.5", cache: Path | None = None, spec: RealSpec | None =
     if spec.which == "1.5":
         clip = work / "clip-vit-tiny-patch14-336"
         _write_clip_repo(model, spec, clip, vision)
-        _run(tree, "tools/mtmd/legacy-models/llava_surgery.py", ["-m", llava], log)
+        _run(tree, "tools/mtmd/legacy-models/llava_surgery.py", ["-m", llava], log, packages)
         _run(tree, "tools/mtmd/legacy-models/convert_image_encoder_to_gguf.py",
-             ["-m", clip, "--llava-projector", llava / "llava.projector", "--output-dir", llava], log)
+             ["-m", clip, "--llava-projector", llava / "llava.projector", "--output-dir", llava], log, packages)
         mmproj = llava / "mmproj-model-f16.gguf"
     else:
-        _run(tree, "tools/mtmd/legacy-models/llava_surgery_v2.py", ["-C", "-m", llava], log)
+        _run(tree, "tools/mtmd/legacy-models/llava_surgery_v2.py", ["-C", "-m", llava], log, packages)
         vit = work / "vit"
         vit.mkdir()
         shutil.copy(llava / "llava.clip", vit / "pytorch_model.bin")
         shutil.copy(llava / "llava.projector", vit / "llava.projector")
         (vit / "config.json").write_text(json.dumps(_vit_config(model, spec), indent=2))
         _run(tree, "tools/mtmd/legacy-models/convert_image_encoder_to_gguf.py",
-             ["-m", vit, "--llava-projector", vit / "llava.projector", "--output-dir", vit, "--clip-model-is-vision"], log)
+             ["-m", vit, "--llava-projector", vit / "llava.projector", "--output-dir", vit, "--clip-model-is-vision"], log, packages)
         mmproj = vit / "mmproj-model-f16.gguf"
     # --outfile: the name the docs give (the converter would name it after the directory)
-    _run(tree, "examples/convert_legacy_llama.py", [llava, "--skip-unknown", "--outfile", llava / "ggml-model-f16.gguf"], log)
+    _run(tree, "examples/convert_legacy_llama.py", [llava, "--skip-unknown", "--outfile", llava / "ggml-model-f16.gguf"], log, packages)
     fx = _fixture(work, spec)
     shutil.move(mmproj, fx.mmproj)
     shutil.move(llava / "ggml-model-f16.gguf", fx.text_f16)
