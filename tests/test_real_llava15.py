@@ -188,3 +188,49 @@ def test_caption_matches_the_oracle(fx, hf, session, oracles, quant, vhr):
         for l in layers:
             vrel = float(np.abs(r.vhr.vhd[l] - o["vhd"][l]).max() / o["vhd"][l].max())
             assert vrel < 5e-3, f"VHD layer {l}: {vrel:.2e}"
+
+
+def _cli(*args, cache):
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("VHR_EDGE_")}
+    env["VHR_EDGE_CACHE"] = str(cache)
+    return subprocess.run([sys.executable, "-m", "vhr_edge.cli", *map(str, args)], capture_output=True, text=True,
+                          timeout=300, env=env)
+
+
+def test_cli_flags_and_info(fx, tmp_path):
+    import json
+
+    from PIL import Image
+
+    img = tmp_path / "wide.png"
+    Image.fromarray(picture(200, 320, seed=9)).save(img)
+    base = ["caption", img, "-m", fx.text_f16, "--mmproj", fx.mmproj, "-n", "6", "--no-vhr", "--json"]
+    cache = tmp_path / "cache"
+    r = _cli(*base, cache=cache)
+    assert r.returncode == 0, r.stderr
+    notes = [l for l in r.stderr.splitlines() if fx.mmproj.name in l]
+    assert len(notes) == 2 and "writing a corrected copy" in notes[0] and "correcting llama.cpp" in notes[1]
+    assert list((cache / "mmproj").glob("*.gguf"))  # the copy went to the cache
+    again = _cli(*base, cache=cache)  # written once
+    assert [l for l in again.stderr.splitlines() if fx.mmproj.name in l] == notes[1:]
+    text = json.loads(r.stdout)["text"]
+    assert json.loads(again.stdout)["text"] == text
+    texts = {}
+    for flags in (["--mmproj-as-is"], ["--image-mode", "crop"], ["--image-mode", "native"]):
+        o = _cli(*base, *flags, cache=cache)
+        assert o.returncode == 0, o.stderr
+        texts[flags[-1]] = json.loads(o.stdout)["text"]
+        if flags == ["--mmproj-as-is"]:
+            assert "run as llama.cpp does (--mmproj-as-is), without correcting" in o.stderr
+    print(f"\ndefault: {text!r}; " + "; ".join(f"{k}: {v!r}" for k, v in texts.items()))
+    assert texts["--mmproj-as-is"] != text  # the flag reaches the engine (rows at cos ~0.8 of the corrected)
+    bad = _cli(*base, cache="/proc/vhr-edge-cache")
+    assert bad.returncode == 1
+    assert bad.stderr.strip().splitlines()[-1].startswith("vhr-edge: error: cannot write the corrected mmproj")
+    d = json.loads(_cli("info", fx.mmproj, "--json", cache=cache).stdout)
+    assert d["llama_cpp_runs_vision_layers"] == 2 and d["vision_layers"] == 3 and d["class_token"] is True
+    assert len(d["vhr_edge_corrects"]) == 2
