@@ -221,5 +221,14 @@ def run_settings(session, vhr, gen, **extra) -> dict:
     v = asdict(vhr)
     if not vhr.enabled:  # the other VHR fields do nothing without VHR
         v = {"enabled": False}
-    return {"model": _file_id(session.model_path), "mmproj": _file_id(session.mmproj_path),
-            "vhr": v, "generation": asdict(gen), **extra}
+    out = {"model": _file_id(session.model_path), "mmproj": _file_id(session.mmproj_path),
+           "vhr": v, "generation": asdict(gen), **extra}
+    vision = {}  # recorded when not the default, so runs started before these flags still resume
+    if getattr(session, "image_mode", "pad") != "pad":
+        vision["image_mode"] = session.image_mode
+    plan = getattr(session, "mmproj_plan", None)
+    if plan is not None and plan.as_is and plan.needs_correction:
+        vision["mmproj_as_is"] = True
+    if vision:
+        out["vision"] = vision
+    return out

@@ -194,3 +194,14 @@ def prepare(path, as_is: bool = False, notice: Optional[Callable[[str], None]] =
                                  "(set VHR_EDGE_CACHE, or pass --mmproj-as-is)") from None
         load = str(dst)
     return load, p
+
+
+def image_newline(path) -> "Optional[object]":
+    """model.image_newline of an mmproj (LLaVA-1.6) as a float32 numpy vector, or None."""
+    import gguf
+    import numpy as np
+
+    for t in _fields(str(path)).tensors:
+        if t.name == "model.image_newline":
+            return np.array(gguf.dequantize(t.data, t.tensor_type), np.float32).reshape(-1)
+    return None

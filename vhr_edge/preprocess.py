@@ -141,3 +141,30 @@ def pack_anyres(rows: np.ndarray, grid: tuple[int, int], image_hw: tuple[int, in
         nl = np.broadcast_to(np.asarray(newline, np.float32), (fmap.shape[0], 1, d))
         fmap = np.concatenate([fmap, nl], axis=1)
     return np.ascontiguousarray(np.concatenate([base, fmap.reshape(-1, d)]), dtype=np.float32)
+
+
+class Tiler:
+    """How one picture becomes the tiles libmtmd encodes, and their rows the image rows the LLM
+    receives, for one mmproj (its image size, patch size, mean, pinpoints, image_newline) and mode."""
+
+    def __init__(self, mode: str, image_size: int, patch_size: int, image_mean: Sequence[float],
+                 pinpoints: Sequence[Sequence[int]] = (), newline: np.ndarray | None = None):
+        if mode not in IMAGE_MODES:
+            raise ValueError(f"image mode must be one of {', '.join(IMAGE_MODES)}, got {mode!r}")
+        self.mode, self.size, self.patch = mode, image_size, patch_size
+        self.mean, self.pinpoints, self.newline = list(image_mean), [list(p) for p in pinpoints], newline
+
+    def tiles(self, rgb: np.ndarray) -> tuple[list[np.ndarray], tuple[int, int] | None]:
+        """(uint8 tiles, anyres grid (rows, cols) or None): one LLaVA-1.5 tile, LLaVA-1.6's base tile
+        and grid tiles, or (native) the picture itself for libmtmd's own preprocessing."""
+        if self.mode == "native" or not self.size:
+            return [rgb], None
+        if self.pinpoints:
+            return anyres_tiles(rgb, self.size, self.pinpoints)
+        return [llava15_tile(rgb, self.mode, self.size, self.mean)], None
+
+    def rows(self, tile_rows: np.ndarray, grid: tuple[int, int] | None, image_hw: tuple[int, int]) -> np.ndarray:
+        """The image rows from the tiles' rows (LLaVA-1.6: packed; otherwise as they are)."""
+        if grid is None:
+            return tile_rows
+        return pack_anyres(tile_rows, grid, image_hw, self.size // self.patch, self.newline)

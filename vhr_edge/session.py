@@ -35,8 +35,9 @@ from .engine import load as load_engine
 from .errors import ConfigError, ModelError, VhrEdgeError
 from .images import ImageSource, describe, load_image
 from .layers import parse_layers
+from .mmproj import image_newline
 from .mmproj import prepare as prepare_mmproj
-from .preprocess import IMAGE_MODES, anyres_tiles, llava15_tile, pack_anyres
+from .preprocess import IMAGE_MODES, Tiler
 from .profile import carried_template
 from .templates import GGUF_KEY as TEMPLATE_GGUF_KEY
 from .templates import model_template, resolve_template
@@ -157,16 +158,6 @@ def stderr_notice(line: str) -> None:
     print(line, file=sys.stderr, flush=True)
 
 
-def _image_newline(path: str) -> Optional[np.ndarray]:
-    """model.image_newline of an mmproj (LLaVA-1.6), as float32."""
-    import gguf
-
-    for t in gguf.GGUFReader(path).tensors:
-        if t.name == "model.image_newline":
-            return np.array(gguf.dequantize(t.data, t.tensor_type), np.float32).reshape(-1)
-    return None
-
-
 class Session:
     """A loaded model pair. Thread-safe: captions run one at a time."""
 
@@ -203,7 +194,8 @@ class Session:
         self.image_mode = image_mode
         self.mmproj_load_path, self.mmproj_plan = prepare_mmproj(self.mmproj_path, as_is=mmproj_as_is, notice=notice)
         plan = self.mmproj_plan
-        self._newline = _image_newline(self.mmproj_load_path) if plan.anyres and image_mode != "native" else None
+        newline = image_newline(self.mmproj_load_path) if plan.anyres and image_mode != "native" else None
+        self._tiler = Tiler(image_mode, plan.image_size, plan.patch_size, plan.image_mean, plan.pinpoints, newline)
         fa = -1 if flash_attn is None else int(bool(flash_attn))
         try:
             self._runner = self._engine.Runner(
@@ -230,25 +222,18 @@ class Session:
 
     def tiles(self, rgb: np.ndarray) -> tuple[list[np.ndarray], Optional[tuple[int, int]]]:
         """The uint8 tiles libmtmd is given for an HxWx3 picture, and the anyres grid (rows, cols)
-        (None for one LLaVA-1.5 tile or the native mode, where libmtmd gets the picture itself)."""
-        p = self.mmproj_plan
-        if self.image_mode == "native" or not p.image_size:
-            return [rgb], None
-        if p.anyres:
-            return anyres_tiles(rgb, p.image_size, p.pinpoints)
-        return [llava15_tile(rgb, self.image_mode, p.image_size, p.image_mean)], None
+        (None for one LLaVA-1.5 tile, or in the native mode, where libmtmd gets the picture itself)."""
+        return self._tiler.tiles(rgb)
 
     def _image_rows(self, rgb: np.ndarray) -> tuple[np.ndarray, float]:
         """(the image rows the LLM receives, milliseconds to make them); call under self._lock."""
         t0 = time.perf_counter()
-        tiles, grid = self.tiles(rgb)
+        tiles, grid = self._tiler.tiles(rgb)
         try:
             rows, _ = self._runner.encode(tiles)
         except self._engine.EngineError as e:
             raise VhrEdgeError(str(e)) from None
-        if grid is not None:
-            p = self.mmproj_plan
-            rows = pack_anyres(rows, grid, rgb.shape[:2], p.image_size // p.patch_size, self._newline)
+        rows = self._tiler.rows(rows, grid, rgb.shape[:2])
         return rows, (time.perf_counter() - t0) * 1000.0
 
     def _announce(self) -> None:
