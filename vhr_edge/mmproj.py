@@ -160,6 +160,9 @@ def write_with_feature_layer(src: str, dst: Path, feature_layer: int) -> Path:
     for f in r.fields.values():
         if f.name == "general.architecture" or f.name.startswith("GGUF.") or f.name == FEATURE_KEY:
             continue
+        if f.name == "general.alignment":  # the writer must pad the tensors as the key says
+            w.add_custom_alignment(int(f.contents()))
+            continue
         vtype = f.types[0]
         sub = f.types[-1] if vtype == gguf.GGUFValueType.ARRAY else None
         w.add_key_value(f.name, f.contents(), vtype, sub_type=sub)
