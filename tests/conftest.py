@@ -90,3 +90,10 @@ def image_a():
 @pytest.fixture
 def image_b():
     return scene(2)
+
+
+def stderr_lines(stderr: str) -> list[str]:
+    """stderr's lines without the one-line notice a session gives with its first image when it
+    corrects llama.cpp's LLaVA vision graph (the tiny fixture's CLIP tower has a class token, so
+    the class-token correction applies to it; vhr_edge/mmproj.py)."""
+    return [l for l in stderr.strip().splitlines() if "correcting llama.cpp's LLaVA vision graph" not in l]
