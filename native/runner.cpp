@@ -15,6 +15,7 @@
 #include "gguf.h"
 #include "llama.h"
 #include "mtmd.h"
+#include "clip_fix.h"
 #include "head_hook.h"
 #include "token_embd.h"
 #include "vhr_core.h"
@@ -202,6 +203,7 @@ struct Runner::Impl {
     };
     std::list<CachedReference> ref_cache;  // most recently used first
     HeadHook hook;
+    ClipFix clip_fix;  // the vision graph's eval callback (RunnerParams::clip_class_token_first)
     std::mutex busy;
     std::set<const ggml_tensor *> private_w_o;  // W_o tensors already remapped copy-on-write
 
@@ -302,8 +304,10 @@ struct Runner::Impl {
         return ref_cache.front().ref;
     }
 
-    // The prompt split around its one image: [text chunk] [image chunk] [text chunk].
-    Tokenized tokenize(const RgbImage & image, const std::string & prompt, const std::string & prompt_template) {
+    // The prompt split around its one image: [text chunk] [image chunk] [text chunk]. The image
+    // is a placeholder (no pixels): only the text tokens are wanted here; the rows come from
+    // encode_images, or from the caller.
+    Tokenized tokenize(const std::string & prompt, const std::string & prompt_template) {
         const std::string image_tag = "<image>";
         const size_t at = prompt_template.find(image_tag);
         if (at == std::string::npos || prompt_template.find(image_tag, at + 1) != std::string::npos) {
@@ -313,14 +317,12 @@ struct Runner::Impl {
         const size_t pp = text.find("{prompt}");
         if (pp != std::string::npos) text.replace(pp, 8, prompt);
 
-        if (image.nx == 0 || image.ny == 0 || image.data == nullptr) fail("empty image");
-        std::unique_ptr<mtmd_bitmap, decltype(&mtmd_bitmap_free)> bitmap(
-            mtmd_bitmap_init(image.nx, image.ny, image.data), mtmd_bitmap_free);
+        std::unique_ptr<mtmd_bitmap, decltype(&mtmd_bitmap_free)> bitmap(mtmd_bitmap_init(1, 1, nullptr), mtmd_bitmap_free);
         Tokenized tk;
         mtmd_input_text in_text = {text.c_str(), text.size(), /*add_special =*/ true, /*parse_special =*/ true};
         const mtmd_bitmap * bitmaps[] = {bitmap.get()};
         if (mtmd_tokenize(mtmd, tk.chunks.get(), &in_text, bitmaps, 1) != 0) {
-            fail("libmtmd could not tokenize the prompt with the image: " + take_last_error());
+            fail("libmtmd could not tokenize the prompt: " + take_last_error());
         }
         for (size_t i = 0; i < mtmd_input_chunks_size(tk.chunks.get()); ++i) {
             const mtmd_input_chunk * c = mtmd_input_chunks_get(tk.chunks.get(), i);
@@ -343,12 +345,46 @@ struct Runner::Impl {
         return tk;
     }
 
-    // Run the vision encoder + projector on the image chunk; rows stay valid until the next encode.
-    const float * encode(const Tokenized & tk, double * ms) {
+    // Run the vision encoder + projector on each image as libmtmd prepares it (its own resize/pad;
+    // an image of the mmproj's size is used as it is), all image chunks in order: one per LLaVA-1.5
+    // image, the tiles then the overview for an anyres (LLaVA-1.6) mmproj. Rows appended to `out`.
+    void encode_images(const std::vector<RgbImage> & images, std::vector<float> & out, int64_t & n_tokens, double * ms) {
         const auto t0 = Clock::now();
-        if (mtmd_encode_chunk(mtmd, tk.image_chunk) != 0) fail("libmtmd failed to encode the image: " + take_last_error());
+        n_tokens = 0;
+        out.clear();
+        for (const RgbImage & image : images) {
+            if (image.nx == 0 || image.ny == 0 || image.data == nullptr) fail("empty image");
+            std::unique_ptr<mtmd_bitmap, decltype(&mtmd_bitmap_free)> bitmap(
+                mtmd_bitmap_init(image.nx, image.ny, image.data), mtmd_bitmap_free);
+            std::unique_ptr<mtmd_input_chunks, decltype(&mtmd_input_chunks_free)> chunks(mtmd_input_chunks_init(), mtmd_input_chunks_free);
+            const std::string marker = mtmd_default_marker();
+            mtmd_input_text in_text = {marker.c_str(), marker.size(), /*add_special =*/ false, /*parse_special =*/ true};
+            const mtmd_bitmap * bitmaps[] = {bitmap.get()};
+            if (mtmd_tokenize(mtmd, chunks.get(), &in_text, bitmaps, 1) != 0) {
+                fail("libmtmd could not prepare the image: " + take_last_error());
+            }
+            for (size_t i = 0; i < mtmd_input_chunks_size(chunks.get()); ++i) {
+                const mtmd_input_chunk * c = mtmd_input_chunks_get(chunks.get(), i);
+                if (mtmd_input_chunk_get_type(c) != MTMD_INPUT_CHUNK_TYPE_IMAGE) {
+                    if (mtmd_input_chunk_get_n_tokens(c) == 0) continue;
+                    fail("libmtmd put text tokens between the image's parts; not a LLaVA-style mmproj");
+                }
+                const int fixed_before = clip_fix.n_fixed;
+                clip_fix.error.clear();
+                if (mtmd_encode_chunk(mtmd, c) != 0) fail("libmtmd failed to encode the image: " + take_last_error());
+                if (!clip_fix.error.empty()) fail("class-token correction: " + clip_fix.error);
+                if (clip_fix.class_token_first && clip_fix.n_fixed == fixed_before) {
+                    fail("class-token correction armed but the vision graph has no class-token concat "
+                         "(a llama.cpp other than llama-cpp-python 0.3.36's?); run with --mmproj-as-is");
+                }
+                const int64_t n = (int64_t) mtmd_input_chunk_get_n_tokens(c);
+                const float * rows = mtmd_get_output_embd(mtmd);
+                out.insert(out.end(), rows, rows + n * n_embd);
+                n_tokens += n;
+            }
+        }
+        if (n_tokens == 0) fail("libmtmd produced no image rows");
         if (ms) *ms = ms_since(t0);
-        return mtmd_get_output_embd(mtmd);
     }
 
     void arm_hook(const VhrParams & v, bool trace) {
@@ -444,6 +480,11 @@ Runner::Runner(const RunnerParams & params) : impl_(new Impl) {
     cp.n_threads = m.n_threads_batch();
     cp.print_timings = false;
     cp.warmup = false;
+    m.clip_fix.class_token_first = params.clip_class_token_first;
+    if (params.clip_class_token_first) {
+        cp.cb_eval = ClipFix::eval_callback;
+        cp.cb_eval_user_data = &m.clip_fix;
+    }
     m.mtmd = mtmd_init_from_file(params.mmproj_path.c_str(), m.model, cp);
     if (!m.mtmd) fail("cannot load mmproj " + params.mmproj_path + ": " + take_last_error());
     if (!mtmd_support_vision(m.mtmd)) fail("mmproj " + params.mmproj_path + " has no vision encoder");
@@ -460,16 +501,26 @@ ImageEmbedding Runner::embed_image(const RgbImage & image, const std::string & p
                                    const std::string & prompt_template) {
     Impl & m = *impl_;
     std::lock_guard<std::mutex> lock(m.busy);
-    Tokenized tk = m.tokenize(image, prompt, prompt_template);
-    const float * rows = m.encode(tk, nullptr);
+    const Tokenized tk = m.tokenize(prompt, prompt_template);
     ImageEmbedding e;
+    int64_t n = 0;
+    m.encode_images({image}, e.rows, n, nullptr);
     e.prefix.assign(tk.prefix.begin(), tk.prefix.end());
     e.suffix.assign(tk.suffix.begin(), tk.suffix.end());
-    e.n_tokens = (int) tk.n_image_tokens;
+    e.n_tokens = (int) n;
     e.n_embd = m.n_embd;
-    e.rows.assign(rows, rows + (size_t) e.n_tokens * e.n_embd);
     return e;
 }
+
+std::vector<float> Runner::encode(const std::vector<RgbImage> & images, int64_t & n_tokens, double * ms) {
+    Impl & m = *impl_;
+    std::lock_guard<std::mutex> lock(m.busy);
+    std::vector<float> rows;
+    m.encode_images(images, rows, n_tokens, ms);
+    return rows;
+}
+
+int Runner::clip_fixes() const { return impl_->clip_fix.n_fixed; }
 
 std::vector<int32_t> Runner::tokenize(const std::string & text) const {
     const llama_vocab * vocab = impl_->vocab;
@@ -538,21 +589,34 @@ ModelInfo Runner::info() const {
 
 Result Runner::caption(const RgbImage & image, const std::string & prompt,
                        const std::string & prompt_template, const GenParams & gen,
-                       const VhrParams & vhr_in) {
+                       const VhrParams & vhr) {
+    const auto t_start = Clock::now();
+    double ms = 0;
+    int64_t n = 0;
+    const std::vector<float> rows = encode({image}, n, &ms);
+    Result r = caption_rows(rows.data(), n, ms, prompt, prompt_template, gen, vhr);
+    r.timings.total_ms = ms_since(t_start);
+    return r;
+}
+
+Result Runner::caption_rows(const float * img, int64_t n_image_rows, double image_encode_ms,
+                            const std::string & prompt, const std::string & prompt_template,
+                            const GenParams & gen, const VhrParams & vhr_in) {
     Impl & m = *impl_;
     std::lock_guard<std::mutex> lock(m.busy);
     const auto t_start = Clock::now();
     VhrParams vhr = vhr_in;
     m.validate(vhr, gen);
+    if (img == nullptr || n_image_rows < 1) fail("no image rows");
 
-    Tokenized tk = m.tokenize(image, prompt, prompt_template);
+    const Tokenized tk = m.tokenize(prompt, prompt_template);
     const std::vector<llama_token> & prefix = tk.prefix;
     const std::vector<llama_token> & suffix = tk.suffix;
 
-    // ---- image rows
+    // ---- image rows (encoded before, by encode() or the caller)
     Result r;
-    const float * img = m.encode(tk, &r.timings.image_encode_ms);
-    const int64_t P = (int64_t) prefix.size(), S = (int64_t) suffix.size(), I = tk.n_image_tokens;
+    r.timings.image_encode_ms = image_encode_ms;
+    const int64_t P = (int64_t) prefix.size(), S = (int64_t) suffix.size(), I = n_image_rows;
     r.timings.n_image_tokens = (int) I;
 
     // ---- VHR armed; the text-only reference (spec 1) is its own unscaled pass, cached per prompt
@@ -714,7 +778,7 @@ Result Runner::caption(const RgbImage & image, const std::string & prompt,
         r.vhd.assign((size_t) m.n_layer * m.n_head, 0.0f);
         r.ta = r.vhd;
     }
-    r.timings.total_ms = ms_since(t_start);
+    r.timings.total_ms = ms_since(t_start) + image_encode_ms;
     return r;
 }
 

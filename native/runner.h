@@ -35,6 +35,9 @@ struct RunnerParams {
     int  flash_attn   = -1;    // -1 auto, 0 off, 1 on
     bool verbose      = false; // let llama.cpp / libmtmd log to stderr
     int  reference_cache_size = 16;  // text-only references kept (least recently used goes first)
+    // Correct llama.cpp's LLaVA vision graph, which appends the class token after the patches
+    // (clip_fix.h): for mmprojs with a class embedding, decided by the caller (vhr_edge.mmproj).
+    bool clip_class_token_first = false;
 };
 
 struct VhrParams {
@@ -144,8 +147,22 @@ public:
                    const std::string & prompt_template, const GenParams & gen,
                    const VhrParams & vhr);
 
+    // The same with image rows encoded before (encode(), or assembled by the caller, e.g. the
+    // LLaVA-1.6 tiles with their newline rows); image_encode_ms is reported in the timings.
+    Result caption_rows(const float * rows, int64_t n_rows, double image_encode_ms,
+                        const std::string & prompt, const std::string & prompt_template,
+                        const GenParams & gen, const VhrParams & vhr);
+
     ImageEmbedding embed_image(const RgbImage & image, const std::string & prompt,
                                const std::string & prompt_template);
+
+    // libmtmd's rows for the images, one after another (n_tokens rows of n_embd). An image of the
+    // mmproj's own size is used as it is; others get libmtmd's preprocessing (for an anyres mmproj:
+    // its tiles, then the overview).
+    std::vector<float> encode(const std::vector<RgbImage> & images, int64_t & n_tokens, double * ms = nullptr);
+
+    // Class-token corrections applied so far (one per encoded image or tile when armed).
+    int clip_fixes() const;
 
     ModelInfo info() const;
 

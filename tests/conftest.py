@@ -1,11 +1,51 @@
-"""Shared fixtures: tiny LLaVA pairs written with the gguf package (vhr_edge.fixtures)."""
+"""Shared fixtures: tiny LLaVA pairs written with the gguf package (vhr_edge.fixtures).
+
+VHR_EDGE_TEST_NGL=-1 (bench/gpu_check.sh sets it on a GPU machine) makes every Session the
+tests open offload that many layers (and the vision projector) to the GPU, unless the test
+passes n_gpu_layers itself.
+"""
 
 from __future__ import annotations
+
+import functools
+import importlib
+import os
 
 import numpy as np
 import pytest
 
 from vhr_edge import fixtures
+from vhr_edge import session as _session
+
+TEST_NGL = int(os.environ.get("VHR_EDGE_TEST_NGL", "0"))
+if TEST_NGL and not getattr(_session.Session.__init__, "_test_ngl", False):
+    _plain_init = _session.Session.__init__
+
+    @functools.wraps(_plain_init)
+    def _init_with_ngl(self, *args, **kwargs):
+        kwargs.setdefault("n_gpu_layers", TEST_NGL)
+        _plain_init(self, *args, **kwargs)
+
+    _init_with_ngl._test_ngl = True
+    _session.Session.__init__ = _init_with_ngl
+
+# `make test` sets this: the tests against the PyTorch/transformers oracle (the `oracle` extra)
+# must run there, so a torch that stops importing fails the suite instead of skipping it.
+REQUIRE_ORACLE_ENV = "VHR_EDGE_REQUIRE_ORACLE"
+
+
+def oracle_import(name: str):
+    """pytest.importorskip for a module of the `oracle` extra (torch, transformers, ...):
+    a user without the extra skips those tests; with $VHR_EDGE_REQUIRE_ORACLE=1 (`make test`)
+    a module that does not import is a failure."""
+    if os.environ.get(REQUIRE_ORACLE_ENV, "") not in ("", "0"):
+        try:
+            return importlib.import_module(name)
+        except Exception as e:  # ImportError, or a broken install raising something else
+            pytest.fail(f"{name} does not import ({type(e).__name__}: {e}) but {REQUIRE_ORACLE_ENV}=1 requires the "
+                        "oracle tests: install the oracle extra (make setup), or unset it to skip them", pytrace=False)
+    return pytest.importorskip(name)
+
 
 # 8 layers so that "auto" is the spec's proportional set {1, 4..7}.
 SPEC = fixtures.TinySpec(n_layer=8, n_embd=64, n_head=4, n_ff=128, seed=0)
@@ -50,3 +90,10 @@ def image_a():
 @pytest.fixture
 def image_b():
     return scene(2)
+
+
+def stderr_lines(stderr: str) -> list[str]:
+    """stderr's lines without the one-line notice a session gives with its first image when it
+    corrects llama.cpp's LLaVA vision graph (the tiny fixture's CLIP tower has a class token, so
+    the class-token correction applies to it; vhr_edge/mmproj.py)."""
+    return [l for l in stderr.strip().splitlines() if "correcting llama.cpp's LLaVA vision graph" not in l]

@@ -20,7 +20,7 @@ from PIL import Image
 
 from vhr_edge import fixtures
 
-from conftest import SPEC, scene
+from conftest import SPEC, scene, stderr_lines
 
 EXE = [sys.executable, "-m", "vhr_edge.cli"]
 
@@ -95,7 +95,7 @@ def test_one_bad_image_does_not_stop_the_others(files):
             "-n", "3", "--json")
     assert r.returncode == 1
     assert len(r.stdout.strip().splitlines()) == 1  # the good image still got its caption
-    assert r.stderr.strip().splitlines() == [f"vhr-edge: error: image not found: {files['d'] / 'nope.png'}"]
+    assert stderr_lines(r.stderr) == [f"vhr-edge: error: image not found: {files['d'] / 'nope.png'}"]
 
 
 BAD = [

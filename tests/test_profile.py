@@ -18,7 +18,7 @@ from vhr_edge.errors import ConfigError
 from vhr_edge.profile import (Profile, load_profile, profile_for_model, profile_from_json, resolve,
                               save_profile)
 
-from conftest import SPEC, scene
+from conftest import SPEC, scene, stderr_lines
 
 EXE = [sys.executable, "-m", "vhr_edge.cli"]
 
@@ -169,7 +169,7 @@ def test_eval_and_compare_use_the_profile(model, tmp_path):
         r = cli("eval", "chair", "-n", "2", "-m", m["text"], "--mmproj", m["mmproj"], "-t", "2", "--max-tokens", "4",
                 "--out", out, "--json", "--no-progress")
         assert r.returncode == 0, r.stderr
-        assert r.stderr.strip().splitlines() == [f"vhr-edge: profile {m['beside']}: layers 0-3, alpha 3"]
+        assert stderr_lines(r.stderr) == [f"vhr-edge: profile {m['beside']}: layers 0-3, alpha 3"]
         run = json.loads((out / "chair-vhr-a3-L0-3.run.json").read_text())
         assert run["vhr"]["alpha"] == 3.0 and run["vhr"]["layers"] == "0-3"
         r = cli("eval", "chair", "-n", "2", "-m", m["text"], "--mmproj", m["mmproj"], "-t", "2", "--max-tokens", "4",

@@ -198,6 +198,29 @@ def test_keep_alive_after_a_stream(server):
     conn.close()
 
 
+def test_a_client_that_resets_its_keep_alive_connection_prints_nothing(server, capfd):
+    """A keep-alive client that hangs up with a reset while the server waits for its next request
+    is normal traffic: no traceback on the server's stderr."""
+    import struct
+
+    capfd.readouterr()
+    for _ in range(3):
+        sock = socket.create_connection(server.server_address[:2], timeout=60)
+        body = json.dumps(chat(data_uri(png(scene(1))), max_tokens=2)).encode()
+        sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                     b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
+        got = b""
+        while b"chat.completion" not in got:
+            got += sock.recv(65536)
+        time.sleep(0.1)  # the handler is back in readline, waiting for the next request
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))  # close = RST
+        sock.close()
+    time.sleep(0.5)
+    err = capfd.readouterr().err
+    assert "Traceback" not in err and "ConnectionResetError" not in err, err
+    assert health(server)["status"] == "ok"
+
+
 class FailsMidway:
     """A stand-in session whose caption fails after its first token."""
 

@@ -138,6 +138,16 @@ def test_stream_errors_come_from_the_iteration(session, image_a, tmp_path):
     with pytest.raises(ImageError, match="not an image"):
         next(st)
     assert st.result is None
+    with pytest.raises(ImageError, match="not an image"):  # never iterated: the with block raises it
+        with session.stream(bad, n_predict=4):
+            pass
+    st = session.stream(bad, n_predict=4)
+    with pytest.raises(ImageError, match="not an image"):
+        st.close()
+    st.close()  # raised once, not again
+    with pytest.raises(KeyError):  # the block's own exception is not replaced by the caption's
+        with session.stream(bad, n_predict=4):
+            raise KeyError("mine")
     with pytest.raises(TypeError, match="on_token"):
         session.stream(image_a, on_token=print)
     assert session.caption(image_a, n_predict=2).n_tokens >= 1

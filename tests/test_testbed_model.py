@@ -29,8 +29,10 @@ def scene_images(n=3, seed=2024):
 
 @pytest.fixture(scope="module")
 def hf():
-    torch = pytest.importorskip("torch")
-    pytest.importorskip("transformers")
+    from conftest import oracle_import
+
+    torch = oracle_import("torch")
+    oracle_import("transformers")
     from transformers import LlamaForCausalLM, LlavaForConditionalGeneration
 
     llava = LlavaForConditionalGeneration.from_pretrained(HF, dtype=torch.float32).eval()

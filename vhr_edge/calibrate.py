@@ -21,6 +21,9 @@ control (same layers, alpha and head counts per layer; heads chosen at random) i
 chosen setting and shown next to it; a setting other than the paper rule is adopted only if it
 also beats its control beyond the bootstrap uncertainty. Writes the profile (beside the model,
 or --profile-out) and DIR/sweep.md + DIR/sweep.json.
+
+--ray ADDRESS captions on the Ray actors of an existing cluster (one model loaded per actor,
+kept for every setting); this process writes the same files (docs/cluster.md).
 """
 
 from __future__ import annotations
@@ -31,7 +34,7 @@ import sys
 from pathlib import Path
 from typing import Optional, Sequence
 
-from .errors import ConfigError
+from .errors import ConfigError, VhrEdgeError
 from .templates import LLAVA_15
 from .profile_rule import (DEFAULT_ALPHAS, MAX_LEN_CHANGE, MAX_RECALL_DROP, OBJECTIVE, Decision, Setting,
                            choose, objective_text, sweep_settings)
@@ -111,7 +114,9 @@ def _done_keys(path: Path) -> set:
     if path.exists():
         for line in path.read_bytes().split(b"\n")[:-1]:
             try:
-                done.add(str(json.loads(line)["image_id"]))
+                rec = json.loads(line)
+                if "error" not in rec:  # a failed row (eval.run.Failed) is tried again
+                    done.add(str(rec["image_id"]))
             except (ValueError, KeyError, TypeError):
                 pass
     return done
@@ -127,29 +132,28 @@ class Sweep:
     def run(self, s: Setting) -> dict:
         from .eval import chair
         from .flags import run_settings
-        from .eval.run import run_chair, session_captioner
+        from .eval.run import captioner_for, run_chair
 
         vhr = s.vhr_config()
         keys = {it.key for it in self.source.items}
         path = self.out / f"chair-{s.key}.jsonl"
-        cap = session_captioner(self.session, self.prompt, vhr, self.gen)
         if self.bar is not None:
             self.bar.set_description_str(s.key)
             self.bar.update(len(_done_keys(path) & keys))
-
-        def captioner(item):
-            r = cap(item)
-            if self.bar is not None:
-                self.bar.update(1)
-            return r
-
         settings = run_settings(self.session, vhr, self.gen, prompt=self.prompt)
-        summary = run_chair(self.source, self.out, captioner, tag=s.key, settings=settings, progress=False)
+        summary = run_chair(self.source, self.out, captioner_for(self.session, self.prompt, vhr, self.gen),
+                            tag=s.key, settings=settings, progress=False,
+                            on_result=None if self.bar is None else lambda: self.bar.update(1))
+        if summary.get("n_failed"):
+            raise VhrEdgeError(f"{summary['n_failed']} captions of setting {s.key} failed on every try "
+                               f"(their errors: {self.out}/chair-{s.key}.summary.json); run the same command "
+                               "again to retry them")
         recs = {}
         with open(path) as f:
             for line in f:
                 rec = json.loads(line)
-                recs.setdefault(str(rec["image_id"]), rec)
+                if "error" not in rec:
+                    recs.setdefault(str(rec["image_id"]), rec)
         vocab = self.source.vocab
         hall = [int(bool(chair.score_caption(recs[it.key]["caption"], it.gt, vocab)["hallucinated"]))
                 for it in self.source.items]
@@ -222,7 +226,7 @@ def parse_alphas(text: str) -> list[float]:
 
 
 def register(sub) -> None:
-    from . import flags
+    from . import cluster, flags
     from .testbed import SPLITS
 
     p = sub.add_parser("calibrate", help="sweep VHR layer sets x alphas on held-out images; write a VHR profile",
@@ -261,11 +265,12 @@ def register(sub) -> None:
                    help="where to write the profile (default: <model stem>.vhr-profile.json beside the model)")
     g.add_argument("--json", action="store_true", help="print the decision as one JSON object, the last stdout line")
     g.add_argument("--no-progress", action="store_true", help="no progress bar")
+    cluster.add_args(p)
     p.set_defaults(func=cmd_calibrate)
 
 
 def cmd_calibrate(args) -> int:
-    from . import DEFAULT_PROMPT, __version__, flags
+    from . import DEFAULT_PROMPT, __version__, cluster, flags
     from .eval.run import _progress, _write_json
     from .layers import auto_layers
     from .profile import Profile, ids_sha256, profile_for_model, save_profile
@@ -280,6 +285,7 @@ def cmd_calibrate(args) -> int:
         raise ConfigError(f"--bootstrap must be at least 10, got {args.bootstrap}")
     if not (0 <= args.max_recall_drop <= 1 and 0 <= args.max_len_change):
         raise ConfigError("--max-recall-drop must be in [0, 1] and --max-len-change >= 0")
+    cluster.check_args(args)
     source, excluded = calibration_source(args)
     model, _ = flags.resolve_models(args)
     out = args.out or Path("results") / "calibrate" / Path(model).stem
@@ -289,7 +295,7 @@ def cmd_calibrate(args) -> int:
     objective = objective_text(args.max_recall_drop, args.max_len_change)
     print(f"vhr-edge calibrate: objective: {objective}", file=sys.stderr, flush=True)
 
-    session = flags.open_session(args)
+    session = cluster.open_runner(args)  # a Pool of Ray actors with --ray
     n_layer = session.n_layer
     prompt = args.prompt or DEFAULT_PROMPT
     gen = GenerationConfig(n_predict=args.max_tokens)
@@ -321,6 +327,7 @@ def cmd_calibrate(args) -> int:
     finally:
         if bar is not None:
             bar.close()
+        session.close()
 
     chosen = next(r for r in rows if r["key"] == d.chosen)
     paper = next(r for r in rows if r["key"] == paper_key)

@@ -2,7 +2,7 @@
 
     vhr-edge caption IMG [IMG ...] [-m MODEL] [--mmproj MMPROJ] [-p PROMPT] [-n N]
                      [--alpha 2] [--layers 1,18-31|auto|all] [--no-vhr] [--json] ...
-    vhr-edge info MODEL [--json]
+    vhr-edge info [MODEL] [--json]    (no MODEL: where the default model lives, and llama.cpp's backends)
     vhr-edge serve [-m MODEL] [--mmproj MMPROJ] [--host 127.0.0.1] [--port 8080] [--api-key KEY]
     vhr-edge watch DIR|- [-m MODEL] [--hz 2] [--max-frames N]
     vhr-edge calibrate [-m MODEL] [--alphas 1.5,2,3] [-n 100] [--out DIR]   (writes a VHR profile)
@@ -69,8 +69,9 @@ def build_parser() -> Parser:
     wat.add_argument("--max-frames", type=int, default=0, help="stop after N captions (0: run until stopped)")
     wat.set_defaults(func=cmd_watch)
 
-    info = sub.add_parser("info", help="print a GGUF's architecture, shapes and tensor types")
-    info.add_argument("model", metavar="MODEL")
+    info = sub.add_parser("info", help="print a GGUF's architecture, shapes and tensor types "
+                                       "(no MODEL: where the default model lives, then its summary)")
+    info.add_argument("model", metavar="MODEL", nargs="?")
     info.add_argument("--json", action="store_true")
     info.set_defaults(func=cmd_info)
     from .eval.cli import register as register_eval
@@ -182,9 +183,50 @@ def cmd_watch(args) -> int:
 def cmd_info(args) -> int:
     from .model_info import format_info, read_info
 
-    info = read_info(args.model)
-    print(json.dumps(info) if args.json else format_info(info))
+    if args.model:
+        info = read_info(args.model)
+        print(json.dumps(info) if args.json else format_info(info))
+        return 0
+    where = default_model_info()
+    info = read_info(where["model"]) if where["model"] else None
+    if args.json:
+        print(json.dumps({**where, "info": info}))
+        return 0
+    print(f"vhr-edge {__version__}, llama-cpp-python {where['llama_cpp_python']} "
+          f"(backends: {', '.join(where['backends']) or '?'}) at {where['llama_cpp_lib']}")
+    if not where["model"]:
+        print("default model: none (pass -m MODEL.gguf --mmproj MMPROJ.gguf, or set VHR_EDGE_MODEL)")
+        return 0
+    print(f"default model: {where['model']}  ({where['source']})")
+    print(f"mmproj:        {where['mmproj'] or 'none found beside it'}")
+    print(format_info(info))
     return 0
+
+
+def default_model_info() -> dict:
+    """Where the default model and the llama.cpp libraries are (vhr-edge info with no MODEL)."""
+    import importlib.metadata
+    import importlib.util
+
+    from .bundled import models_dir
+    from .flags import default_model_paths, find_mmproj
+
+    model, mmproj = default_model_paths()
+    if os.environ.get("VHR_EDGE_MODEL"):
+        source = "$VHR_EDGE_MODEL"
+    else:
+        found = models_dir()
+        source = {"wheel": "bundled testbed, installed with the package",
+                  "checkout": "bundled testbed, in the checkout's models/"}.get(found[1] if found else "", "")
+    spec = importlib.util.find_spec("llama_cpp")
+    lib = Path(spec.origin).parent / "lib" if spec and spec.origin else None
+    try:
+        version = importlib.metadata.version("llama-cpp-python")
+    except importlib.metadata.PackageNotFoundError:
+        version = None
+    backends = sorted({p.name.split(".")[0][len("libggml-"):] for p in lib.glob("libggml-*")} - {"base"}) if lib else []
+    return {"model": model, "mmproj": mmproj or (find_mmproj(model) if model else None), "source": source,
+            "llama_cpp_python": version, "llama_cpp_lib": str(lib) if lib else None, "backends": backends}
 
 
 def main(argv: list[str] | None = None) -> int:

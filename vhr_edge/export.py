@@ -18,8 +18,9 @@ mmproj choices (checked in clip.cpp / models/llava.cpp of the pinned llama.cpp):
 * fc1 -> ffn_up, fc2 -> ffn_down; intermediate == hidden is refused (clip.cpp's legacy swap test).
 * clip.cpp drops row 0 iff ``v.class_embd`` exists: CLS towers need strategy "default", CLS-free
   ones "full"; both give (image_size/patch_size)^2 rows.  The pinned llama.cpp appends CLS after
-  the patches but numbers positions / picks rows CLS-first (ggml-org/llama.cpp #25814): CLIP+CLS
-  exports load and encode but differ from HF until that is fixed; CLS-free towers match HF.
+  the patches but numbers positions / picks rows CLS-first (ggml-org/llama.cpp #25814); vhr-edge
+  puts it first in the graph (vhr_edge.mmproj, native/clip_fix.h), so CLIP+CLS exports match HF
+  in vhr-edge, and in plain llama.cpp only once that is fixed there.
 
 llava-hf LLaVA-1.5 (untested offline; mean/std from preprocessor_config.json, its resize + crop
 replaced by clip.cpp's pad + resize as for the public GGUFs)::

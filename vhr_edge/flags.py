@@ -29,15 +29,15 @@ class Parser(argparse.ArgumentParser):
 
 
 def default_model_paths() -> tuple[str | None, str | None]:
-    """$VHR_EDGE_MODEL / $VHR_EDGE_MMPROJ, else the bundled testbed in the checkout's models/."""
+    """$VHR_EDGE_MODEL / $VHR_EDGE_MMPROJ, else the bundled testbed: the wheel's package data or
+    the checkout's models/ (vhr_edge.bundled)."""
+    from .bundled import default_model
+
     model, mmproj = os.environ.get("VHR_EDGE_MODEL"), os.environ.get("VHR_EDGE_MMPROJ")
     if model:
         return model, mmproj
-    models_dir = Path(__file__).resolve().parent.parent / "models"
-    for name in ("testbed-f16.gguf", "testbed.gguf"):
-        if (models_dir / name).is_file():
-            return str(models_dir / name), mmproj
-    return None, mmproj
+    found = default_model()
+    return (str(found) if found else None), mmproj
 
 
 def find_mmproj(model: str) -> str | None:
@@ -57,6 +57,13 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
                    help="layers to offload to the GPU (-1 = all; needs a GPU build of llama-cpp-python)")
     g.add_argument("-c", "--ctx-size", dest="ctx_size", type=int, default=2048, help="context size (default 2048)")
     g.add_argument("-fa", "--flash-attn", dest="flash_attn", choices=["on", "off", "auto"], default="auto")
+    g.add_argument("--image-mode", dest="image_mode", choices=["pad", "crop", "native"], default="pad",
+                   help="LLaVA-1.5 preprocessing: pad (as released: padded to a square with the mean colour, "
+                        "default), crop (HF CLIPImageProcessor: short side resized, centre cropped) or native "
+                        "(libmtmd's own); LLaVA-1.6 (anyres) mmprojs are tiled as LLaVA-1.6 in pad and crop")
+    g.add_argument("--mmproj-as-is", dest="mmproj_as_is", action="store_true",
+                   help="run the mmproj as llama.cpp does: no correction of its LLaVA vision graph (class token "
+                        "after the patches, one vision block short; see docs/real-models.md)")
     g.add_argument("-v", "--verbose", action="store_true", help="show llama.cpp logs and tracebacks")
     g.add_argument("--template", default=None,
                    help="prompt template: llava-1.5, vicuna-system, or text with <image> and {prompt} "
@@ -125,7 +132,8 @@ def open_session(args):
     return Session(model, mmproj, n_threads=args.threads, n_threads_batch=args.threads_batch,
                    n_gpu_layers=args.n_gpu_layers,
                    n_ctx=args.ctx_size, flash_attn=fa, verbose=args.verbose,
-                   prompt_template=getattr(args, "template", None))
+                   prompt_template=getattr(args, "template", None),
+                   image_mode=getattr(args, "image_mode", "pad"), mmproj_as_is=getattr(args, "mmproj_as_is", False))
 
 
 def resolve_vhr(args, announce: bool = True):
@@ -235,5 +243,14 @@ def run_settings(session, vhr, gen, **extra) -> dict:
         v = {"enabled": False}
     elif not v.get("head_count"):  # the median rule: recorded as before the option existed
         v.pop("head_count", None)
-    return {"model": _file_id(session.model_path), "mmproj": _file_id(session.mmproj_path),
-            "vhr": v, "generation": asdict(gen), **extra}
+    out = {"model": _file_id(session.model_path), "mmproj": _file_id(session.mmproj_path),
+           "vhr": v, "generation": asdict(gen), **extra}
+    vision = {}  # recorded when not the default, so runs started before these flags still resume
+    if getattr(session, "image_mode", "pad") != "pad":
+        vision["image_mode"] = session.image_mode
+    plan = getattr(session, "mmproj_plan", None)
+    if plan is not None and plan.as_is and plan.needs_correction:
+        vision["mmproj_as_is"] = True
+    if vision:
+        out["vision"] = vision
+    return out

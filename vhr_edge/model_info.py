@@ -49,6 +49,15 @@ def read_info(path: str | Path) -> dict:
             projection_dim=field("clip.vision.projection_dim"),
             feature_layer=field("clip.vision.feature_layer"),
         )
+        from .mmproj import plan  # what llama.cpp's LLaVA graph does with this file, and what vhr-edge corrects
+
+        pl = plan(p)
+        info.update(
+            class_token=pl.has_class_token,
+            anyres_pinpoints=pl.pinpoints or None,
+            llama_cpp_runs_vision_layers=pl.llama_cpp_layers if pl.projector in ("mlp", "mlp_norm", "ldp", "ldpv2") else None,
+            vhr_edge_corrects=pl.corrections() or ["nothing (llama.cpp's graph is right for this file)"],
+        )
         return info
     n_embd = field(f"{arch}.embedding_length")
     n_head = field(f"{arch}.attention.head_count")
@@ -74,5 +83,7 @@ def format_info(info: dict) -> str:
     for k, v in info.items():
         if isinstance(v, dict):
             v = ", ".join(f"{t} x{n}" for t, n in v.items())
+        elif isinstance(v, list) and v and isinstance(v[0], str):
+            v = "; ".join(v)
         lines.append(f"{k:<{width}}  {v}")
     return "\n".join(lines)

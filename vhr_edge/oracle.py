@@ -161,13 +161,13 @@ class _Hooks:
             if self.mode == "score":
                 a = x[0, -1].reshape(self.n_head, hd).double()
                 r = self.ref[layer]
-                self.d[layer] = ((a - r) ** 2).sum(-1).numpy()
-                self.ta[layer] = (r ** 2).sum(-1).numpy()
+                self.d[layer] = ((a - r) ** 2).sum(-1).cpu().numpy()
+                self.ta[layer] = (r ** 2).sum(-1).cpu().numpy()
                 self.heads[layer] = select_heads(self.d[layer], self.ta[layer], self.outlier_rule)
             heads = self.heads.get(layer, [])
             if self.mode is None or not heads:
                 return None
-            scale = torch.ones(self.n_head, dtype=x.dtype)
+            scale = torch.ones(self.n_head, dtype=x.dtype, device=x.device)
             scale[heads] = self.alpha
             return (x * scale.repeat_interleave(hd),) + args[1:]  # every position of the image prompt
 
@@ -189,6 +189,9 @@ def vhr_reference(model, prefix_ids: Sequence[int], image_rows, suffix_ids: Sequ
     3. Greedy decoding with the same heads scaled for every new token; stops at ``eos_id``
        (default: the config's), which is not included.
 
+    Runs on the model's device and in its dtype (CPU float32 for the tests; bench/vs_pytorch.py
+    also runs it in float16 on CUDA); scores are computed in float64 either way.
+
     Returns {"vhd" (sqrt(D)), "d", "ta" (n_layer x n_head float32, zero rows for unscored
     layers), "selected_heads" {layer: [heads]}, "first_logits" (float32), "tokens"}.
     """
@@ -205,9 +208,10 @@ def vhr_reference(model, prefix_ids: Sequence[int], image_rows, suffix_ids: Sequ
     try:
         with torch.no_grad():
             emb = model.get_input_embeddings()
-            pre = emb(torch.as_tensor(list(prefix_ids), dtype=torch.long))
-            suf = emb(torch.as_tensor(list(suffix_ids), dtype=torch.long))
-            img = torch.as_tensor(np.asarray(image_rows, np.float32))
+            dev = emb.weight.device
+            pre = emb(torch.as_tensor(list(prefix_ids), dtype=torch.long, device=dev))
+            suf = emb(torch.as_tensor(list(suffix_ids), dtype=torch.long, device=dev))
+            img = torch.as_tensor(np.asarray(image_rows, np.float32), device=dev).to(pre.dtype)
             seq0 = torch.cat([pre, img, suf])
             L0 = seq0.shape[0]
             if vhr:
@@ -226,8 +230,8 @@ def vhr_reference(model, prefix_ids: Sequence[int], image_rows, suffix_ids: Sequ
                 tokens.append(tok)
                 if len(tokens) >= n_predict:
                     break
-                out = model(input_ids=torch.tensor([[tok]]), use_cache=True, position_ids=torch.tensor([[p]]),
-                            **{key: cache})
+                out = model(input_ids=torch.tensor([[tok]], device=dev), use_cache=True,
+                            position_ids=torch.tensor([[p]], device=dev), **{key: cache})
                 cache, p = getattr(out, key), p + 1
                 tok = int(torch.argmax(out.logits[0, -1]))
     finally:
@@ -238,6 +242,6 @@ def vhr_reference(model, prefix_ids: Sequence[int], image_rows, suffix_ids: Sequ
         "d": state.d,
         "ta": state.ta,
         "selected_heads": {l: list(state.heads.get(l, [])) for l in layers},
-        "first_logits": first.numpy().astype(np.float32),
+        "first_logits": first.cpu().numpy().astype(np.float32),
         "tokens": tokens,
     }

@@ -56,6 +56,8 @@ class CaptionService:
         self.busy = False
         self.last: Optional[dict] = None  # the last caption's stop_reason and completion_tokens
         self._stopping = threading.Event()
+        self._replying = 0  # POST handlers still answering (a finished caption's reply may not be sent yet)
+        self._replies_done = threading.Condition()
         self._worker = threading.Thread(target=self._run, name="vhr-edge-engine", daemon=True)
         self._worker.start()
 
@@ -104,7 +106,8 @@ class CaptionService:
                 job.finish()
 
     def stop(self) -> None:
-        """Finish the caption in progress, refuse the rest (503), stop the worker."""
+        """Finish the caption in progress, refuse the rest (503), stop the worker, and wait (30 s at
+        most) until the handlers have sent the replies of what it finished."""
         self._stopping.set()
         while True:
             try:
@@ -116,6 +119,17 @@ class CaptionService:
                 job.finish()
         self.jobs.put(None)
         self._worker.join(timeout=60)
+        with self._replies_done:  # let the handlers send what the worker finished before the process exits
+            self._replies_done.wait_for(lambda: self._replying == 0, timeout=30)
+
+    def reply_started(self) -> None:
+        with self._replies_done:
+            self._replying += 1
+
+    def reply_done(self) -> None:
+        with self._replies_done:
+            self._replying -= 1
+            self._replies_done.notify_all()
 
 
 # ---- HTTP ----------------------------------------------------------------------------
@@ -173,6 +187,13 @@ class Handler(BaseHTTPRequestHandler):
         self._error(HttpError(404, f"no route {path}", "not_found"))
 
     def do_POST(self):
+        self.service.reply_started()  # stop() waits for this reply to be sent
+        try:
+            self._post()
+        finally:
+            self.service.reply_done()
+
+    def _post(self):
         try:
             body = self._read_body()  # always drain the body, so the connection stays usable
             if self.path.split("?")[0] != "/v1/chat/completions":
@@ -222,6 +243,17 @@ class Handler(BaseHTTPRequestHandler):
     do_DELETE = do_PATCH = do_PUT
 
 
+class _Server(ThreadingHTTPServer):
+    def handle_error(self, request, client_address) -> None:
+        """A client that hangs up (reset, broken pipe) is normal for a server: no traceback.
+        Anything else is still printed, as http.server does."""
+        import sys
+
+        if isinstance(sys.exc_info()[1], (ConnectionResetError, BrokenPipeError, ConnectionAbortedError)):
+            return
+        super().handle_error(request, client_address)
+
+
 def make_server(session: Session, host: str = "127.0.0.1", port: int = 8080, *, api_key: Optional[str] = None,
                 max_queue: int = 8, max_body: int = MAX_BODY, allow_local_files: bool = False,
                 model_name: Optional[str] = None, quiet: bool = True,
@@ -231,6 +263,6 @@ def make_server(session: Session, host: str = "127.0.0.1", port: int = 8080, *, 
     attrs = dict(service=service, api_key=api_key, allow_local_files=allow_local_files, max_body=max_body,
                  model_name=model_name or Path(session.model_path).name, quiet=quiet, default_vhr=default_vhr)
     handler = type("BoundHandler", (Handler,), attrs)
-    server = ThreadingHTTPServer((host, port), handler)
+    server = _Server((host, port), handler)
     server.daemon_threads = True
     return server, service

@@ -21,6 +21,7 @@ from __future__ import annotations
 import math
 import os
 import queue
+import sys
 import threading
 import time
 from dataclasses import asdict, dataclass, field, replace
@@ -34,6 +35,9 @@ from .engine import load as load_engine
 from .errors import ConfigError, ModelError, VhrEdgeError
 from .images import ImageSource, describe, load_image
 from .layers import parse_layers
+from .mmproj import image_newline
+from .mmproj import prepare as prepare_mmproj
+from .preprocess import IMAGE_MODES, Tiler
 from .profile import carried_template
 from .templates import GGUF_KEY as TEMPLATE_GGUF_KEY
 from .templates import model_template, resolve_template
@@ -153,6 +157,10 @@ def _check_file(path: Union[str, os.PathLike, None], what: str) -> str:
     return str(p)
 
 
+def stderr_notice(line: str) -> None:
+    print(line, file=sys.stderr, flush=True)
+
+
 class Session:
     """A loaded model pair. Thread-safe: captions run one at a time."""
 
@@ -169,19 +177,36 @@ class Session:
         verbose: bool = False,
         prompt_template: Optional[str] = None,
         reference_cache_size: int = 16,
+        image_mode: str = "pad",
+        mmproj_as_is: bool = False,
+        notice: Optional[Callable[[str], None]] = stderr_notice,
     ):
         """prompt_template: a template name (llava-1.5, vicuna-system) or text with "<image>"
         once and "{prompt}" at most once; default: the model's own (templates.model_template).
-        reference_cache_size: text-only references kept (one per prompt and layer set)."""
+        reference_cache_size: text-only references kept (one per prompt and layer set).
+        image_mode: "pad" (LLaVA-1.5 as released: padded to a square with the mean colour),
+        "crop" (HF CLIPImageProcessor: short side resized, centre cropped) or "native" (libmtmd's
+        own); anyres (LLaVA-1.6) mmprojs are tiled as LLaVA-1.6 in pad and crop (vhr_edge.preprocess).
+        mmproj_as_is: run the mmproj as llama.cpp does, without vhr-edge's corrections of its
+        LLaVA vision graph (vhr_edge.mmproj); notice(line) hears about corrections (None: quiet)."""
+        if image_mode not in IMAGE_MODES:
+            raise ConfigError(f"image mode must be one of {', '.join(IMAGE_MODES)}, got {image_mode!r}")
         self._engine = load_engine()
         self.model_path = _check_file(model, "model")
         self.mmproj_path = _check_file(mmproj, "mmproj")
+        self.image_mode = image_mode
+        self.mmproj_load_path, self.mmproj_plan = prepare_mmproj(self.mmproj_path, as_is=mmproj_as_is, notice=notice)
+        plan = self.mmproj_plan
+        newline = image_newline(self.mmproj_load_path) if plan.anyres and image_mode != "native" else None
+        self._tiler = Tiler(image_mode, plan.image_size, plan.patch_size, plan.image_mean, plan.pinpoints, newline)
         fa = -1 if flash_attn is None else int(bool(flash_attn))
+        self.n_gpu_layers = n_gpu_layers
         try:
             self._runner = self._engine.Runner(
-                self.model_path, self.mmproj_path, n_threads=n_threads, n_gpu_layers=n_gpu_layers,
+                self.model_path, self.mmproj_load_path, n_threads=n_threads, n_gpu_layers=n_gpu_layers,
                 n_ctx=n_ctx, flash_attn=fa, verbose=verbose, n_threads_batch=n_threads_batch,
                 reference_cache_size=max(1, int(reference_cache_size)),
+                clip_class_token_first=plan.class_token_first and not plan.as_is,
             )
         except self._engine.EngineError as e:
             raise ModelError(str(e)) from None
@@ -192,10 +217,47 @@ class Session:
                 self.model_path, self._runner.metadata(TEMPLATE_GGUF_KEY), carried_template(self.model_path))
         self.info = self._runner.info()
         self._lock = threading.Lock()
+        # said once, after the first image went through: a bad input before that gets its error line only
+        self._notice, self._pending_notice = notice, plan.describe()
 
     @property
     def n_layer(self) -> int:
         return self.info.n_layer
+
+    def tiles(self, rgb: np.ndarray) -> tuple[list[np.ndarray], Optional[tuple[int, int]]]:
+        """The uint8 tiles libmtmd is given for an HxWx3 picture, and the anyres grid (rows, cols)
+        (None for one LLaVA-1.5 tile, or in the native mode, where libmtmd gets the picture itself)."""
+        return self._tiler.tiles(rgb)
+
+    def _image_rows(self, rgb: np.ndarray) -> tuple[np.ndarray, float]:
+        """(the image rows the LLM receives, milliseconds to make them); call under self._lock."""
+        t0 = time.perf_counter()
+        tiles, grid = self._tiler.tiles(rgb)
+        try:
+            rows, _ = self._runner.encode(tiles)
+        except self._engine.EngineError as e:
+            raise VhrEdgeError(str(e)) from None
+        rows = self._tiler.rows(rows, grid, rgb.shape[:2])
+        return rows, (time.perf_counter() - t0) * 1000.0
+
+    def _announce(self) -> None:
+        """The corrections' notice, once, after the first image went through (call under self._lock)."""
+        if self._pending_notice:
+            line, self._pending_notice = self._pending_notice, ""
+            if self._notice:
+                self._notice(line)
+
+    def encode_image(self, image: ImageSource) -> np.ndarray:
+        """The image rows the LLM receives for `image` (float32 [n_image_tokens, n_embd]): the
+        projector's output after this session's preprocessing and mmproj corrections (for LLaVA-1.6
+        packed with the newline rows). For caching or inspecting embeddings, and for tests."""
+        if self._runner is None:
+            raise VhrEdgeError("this session is closed")
+        rgb = load_image(image)
+        with self._lock:
+            rows = self._image_rows(rgb)[0]
+            self._announce()
+            return rows
 
     @property
     def n_head(self) -> int:
@@ -245,9 +307,10 @@ class Session:
         rgb = load_image(image)
         load_ms = (time.perf_counter() - t0) * 1000.0
         with self._lock:
+            rows, encode_ms = self._image_rows(rgb)
             try:
                 raw = self._runner.caption(
-                    rgb, prompt, self.prompt_template,
+                    rows, prompt, self.prompt_template, image_encode_ms=encode_ms,
                     n_predict=gcfg.n_predict, temp=gcfg.temp, top_k=gcfg.top_k, top_p=gcfg.top_p,
                     seed=gcfg.seed, ignore_eos=gcfg.ignore_eos, keep_logits=keep_logits,
                     vhr=vcfg.enabled, alpha=vcfg.alpha, layers=layers, outlier_rule=vcfg.outlier_rule,
@@ -258,6 +321,7 @@ class Session:
                 )
             except self._engine.EngineError as e:
                 raise VhrEdgeError(str(e)) from None
+            self._announce()
         return CaptionResult(
             image=describe(image),
             text=raw["text"],
@@ -289,7 +353,8 @@ class Session:
             st.result                     # the CaptionResult (stop_reason "cancelled" if closed early)
 
         Takes caption()'s arguments (except on_token). The caption runs on a worker thread;
-        errors (a bad image, a bad option) are raised from the iteration. Leaving the loop
+        errors (a bad image, a bad option) are raised from the iteration, or from close() / the
+        end of the with block when the stream was not iterated to its end. Leaving the loop
         early and closing the stream (close(), the with block, or dropping it) stops the
         caption at the next token; the session is then free for the next one."""
         if "on_token" in kwargs:
@@ -401,18 +466,24 @@ class CaptionStream:
             raise err
 
     def close(self) -> None:
-        """Stop the caption at the next token (if it still runs) and wait for it to end.
-        Errors are raised by the iteration only, not here."""
+        """Stop the caption at the next token (if it still runs) and wait for it to end. An
+        error the iteration has not raised yet (a bad image, a bad option) is raised here, so a
+        stream that is never iterated does not lose it."""
         if not self._ended:
             self._state.cancel.set()
-            self._thread.join()
-            self._ended = True
+            self._finish()
 
     def __enter__(self) -> "CaptionStream":
         return self
 
-    def __exit__(self, *exc) -> None:
-        self.close()
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None:
+            self.close()
+            return
+        try:  # the with block's own exception wins over the caption's
+            self.close()
+        except Exception:
+            pass
 
     def __del__(self) -> None:
         self._state.cancel.set()  # a dropped stream stops its caption at the next token

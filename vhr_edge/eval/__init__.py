@@ -12,3 +12,5 @@ Nothing here imports the engine at module level: scoring works without a built e
 
 DEFAULT_N = 500  # images per evaluation (the paper's CHAIR setting)
 DEFAULT_SEED = 1000  # testbed.evaluate.EVAL_SEED: a seed no training run uses
+CHAIR_MAX_TOKENS = 512  # the paper's setting
+POPE_MAX_TOKENS = 16

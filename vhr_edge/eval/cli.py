@@ -2,8 +2,9 @@
 
     vhr-edge eval chair [--testbed SPLIT | --images DIR --annotations FILE [--captions FILE]]
                         [--seed S] [-n N] [-m MODEL --mmproj M] [--no-vhr] [--alpha A] [--layers L]
-                        --out DIR [--tag TAG] [--json]
+                        --out DIR [--tag TAG] [--json] [--ray HOST:PORT [--workers N] [--ship-images] ...]
     vhr-edge eval pope  [--split random|popular|adversarial|all] (same data / model / method flags)
+    vhr-edge eval report DIR [--baseline greedy]   (every CHAIR run in DIR, bootstrap intervals, paired deltas)
 
 Data default: the testbed's counterfactual split, seed 1000, 500 scenes. --alpha/--layers
 override a VHR profile (--profile FILE, or <model stem>.vhr-profile.json beside the model
@@ -12,6 +13,9 @@ unless --no-profile); a profile's layers show up in the tag. The method tag
 in --out, so greedy and VHR runs share one folder and one ids.json. A killed run started again
 with the same flags continues where it stopped. --json prints the summary object as the last
 line of stdout; the progress bar goes to stderr.
+
+--ray ADDRESS runs the captions on Ray actors of an existing cluster (docs/cluster.md); this
+process still writes the same files, bar and summary, and a run may be resumed either way.
 """
 
 from __future__ import annotations
@@ -21,20 +25,19 @@ import json
 import sys
 from pathlib import Path
 
-from .. import flags
-from ..errors import ConfigError
-from . import pope
+from .. import cluster, flags
+from ..errors import ConfigError, VhrEdgeError
+from . import CHAIR_MAX_TOKENS, POPE_MAX_TOKENS, pope
 from .data import add_data_args
-
-CHAIR_MAX_TOKENS = 512  # the paper's setting
-POPE_MAX_TOKENS = 16
+from .report import register as register_report
 
 
 def register(sub) -> None:
     """Add `eval` (with `chair` and `pope`) to the `vhr-edge` subcommands."""
     ev = sub.add_parser("eval", help="hallucination evaluation: CHAIR (captions) and POPE (yes/no questions)",
                         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    evsub = ev.add_subparsers(dest="eval_command", required=True, parser_class=flags.Parser, metavar="{chair,pope}")
+    evsub = ev.add_subparsers(dest="eval_command", required=True, parser_class=flags.Parser,
+                              metavar="{chair,pope,report}")
 
     ch = evsub.add_parser("chair", help="caption images, count hallucinated objects (CHAIR_S, CHAIR_I, recall)")
     add_data_args(ch, captions=True)
@@ -44,6 +47,7 @@ def register(sub) -> None:
     g.add_argument("-p", "--prompt", default=None, help="instruction (default: 'Please describe this image in detail.')")
     g.add_argument("--max-tokens", type=int, default=CHAIR_MAX_TOKENS, help=f"max new tokens per caption ({CHAIR_MAX_TOKENS})")
     _add_out_args(ch)
+    cluster.add_args(ch)
     ch.set_defaults(func=cmd_chair)
 
     pp = evsub.add_parser("pope", help="ask 'Is there a X in the image?', score yes/no answers (accuracy, F1, yes-ratio)")
@@ -58,7 +62,10 @@ def register(sub) -> None:
     g.add_argument("--suffix", default="", help="text appended to each question (e.g. 'Answer yes or no.')")
     g.add_argument("--max-tokens", type=int, default=POPE_MAX_TOKENS, help=f"max new tokens per answer ({POPE_MAX_TOKENS})")
     _add_out_args(pp)
+    cluster.add_args(pp)
     pp.set_defaults(func=cmd_pope)
+
+    register_report(evsub)
 
 
 def _add_out_args(p) -> None:
@@ -106,42 +113,58 @@ def _out_dir(args) -> Path:
 
 def cmd_chair(args) -> int:
     from .. import DEFAULT_PROMPT
-    from .run import run_chair, session_captioner
+    from .run import captioner_for, run_chair
 
+    cluster.check_args(args)
     source = make_source(args)
     vhr, gen = method_configs(args)
     tag = method_tag(args)
     out = _out_dir(args)
     prompt = args.prompt or DEFAULT_PROMPT
-    session = flags.open_session(args)
-    settings = flags.run_settings(session, vhr, gen, prompt=prompt)
-    summary = run_chair(source, out, session_captioner(session, prompt, vhr, gen), tag=tag,
-                        settings=settings, progress=not args.no_progress)
+    session = cluster.open_runner(args)
+    try:
+        settings = flags.run_settings(session, vhr, gen, prompt=prompt)
+        summary = run_chair(source, out, captioner_for(session, prompt, vhr, gen), tag=tag,
+                            settings=settings, progress=not args.no_progress)
+    finally:
+        session.close()
     if args.json:
         print(json.dumps(summary), flush=True)
     else:
         print(f"CHAIR {tag} on {_describe(source)}: CHAIR_S {100 * summary['chair_s']:.1f}  "
               f"CHAIR_I {100 * summary['chair_i']:.1f}  recall {100 * summary['recall']:.1f}  "
               f"mean length {summary['mean_len']:.1f} words  (n={summary['n']}; {out}/chair-{tag}.*)", flush=True)
+    _check_failed(summary, out / f"chair-{tag}.summary.json")
     return 0
 
 
+def _check_failed(summary: dict, path: Path) -> None:
+    if summary.get("n_failed"):
+        raise VhrEdgeError(f"{summary['n_failed']} units failed on every try and are left out of the scores "
+                           f"(their errors: {path}); run the same command again to retry them")
+
+
 def cmd_pope(args) -> int:
-    from .run import run_pope, session_answerer
+    from .run import answerer_for, run_pope
 
     if args.per_image < 1:
         raise ConfigError(f"--per-image must be at least 1, got {args.per_image}")
+    cluster.check_args(args)
     source = make_source(args)
     vhr, gen = method_configs(args)
     tag = method_tag(args)
     out = _out_dir(args)
     splits = list(pope.POPE_SPLITS) if args.split == "all" else [args.split]
-    session = flags.open_session(args)
-    settings = flags.run_settings(session, vhr, gen, suffix=args.suffix)
-    result = run_pope(source, out, session_answerer(session, vhr, gen, args.suffix), splits, seed=args.seed,
-                      n_pos=args.per_image, tag=tag, settings=settings, progress=not args.no_progress)
+    session = cluster.open_runner(args)
+    try:
+        settings = flags.run_settings(session, vhr, gen, suffix=args.suffix)
+        result = run_pope(source, out, answerer_for(session, vhr, gen, args.suffix), splits, seed=args.seed,
+                          n_pos=args.per_image, tag=tag, settings=settings, progress=not args.no_progress)
+    finally:
+        session.close()
+    failed = {"n_failed": result.pop("n_failed")} if "n_failed" in result else {}
     if args.json:
-        print(json.dumps(result), flush=True)
+        print(json.dumps({**result, **failed}), flush=True)
     else:
         print(f"POPE {tag} on {_describe(source)} ({out}/pope-{tag}.*)")
         print(f"{'split':<12} {'n':>5} {'acc':>6} {'prec':>6} {'recall':>6} {'F1':>6} {'yes':>6}")
@@ -149,6 +172,7 @@ def cmd_pope(args) -> int:
             print(f"{name:<12} {m['n']:>5} {100 * m['accuracy']:>6.1f} {100 * m['precision']:>6.1f} "
                   f"{100 * m['recall']:>6.1f} {100 * m['f1']:>6.1f} {100 * m['yes_ratio']:>6.1f}")
         sys.stdout.flush()
+    _check_failed(failed, out / f"pope-{tag}.summary.json")
     return 0
 
 

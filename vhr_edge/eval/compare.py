@@ -11,6 +11,11 @@ VHR uses each model's profile (--profile, one per model, or <model stem>.vhr-pro
 beside it) unless --alpha/--layers/--no-profile say otherwise; the method name then carries
 the profile's layers ("vhr-a3-L0-3"). Default models: the bundled testbed F16, Q8_0 and Q4_K_M. Writes DIR/compare.md,
 DIR/compare.csv and DIR/compare.png; prints the markdown table.
+
+With --ray ADDRESS the runs happen in this process instead, on Ray actors (one pool per model,
+loaded once for greedy, VHR, CHAIR and POPE): the same files in the same folders, so a run
+may be resumed either way; peak RSS is then the largest of the actors' own, s/caption the
+wall time of the distributed run over the captions.
 """
 
 from __future__ import annotations
@@ -31,8 +36,9 @@ COLUMNS = ["model", "method", "chair_s", "chair_i", "recall", "pope_f1", "mean_l
 
 
 def default_models() -> list[Path]:
-    models = Path(__file__).resolve().parent.parent.parent / "models"
-    return [models / n for n in ("testbed-f16.gguf", "testbed-q8_0.gguf", "testbed-q4_k_m.gguf")]
+    from ..bundled import quantizations
+
+    return quantizations()
 
 
 def run_child(args: list[str]) -> tuple[dict, float, float]:
@@ -61,11 +67,44 @@ def mean_tokens_per_s(jsonl: Path) -> float:
     return sum(vals) / len(vals) if vals else 0.0
 
 
+def _on_ray(pool, model: Path, method: str, vhr_on: bool, res, d: Path, *, split: str, n: int, pope_n: int,
+            seed: int, max_tokens: int):
+    """What the two `vhr-edge eval` children of a (model, method) give, run on a cluster pool:
+    (chair summary, wall seconds, pope result or None). The same settings as the children."""
+    from .. import DEFAULT_PROMPT
+    from ..flags import run_settings
+    from ..session import GenerationConfig, VhrConfig
+    from . import POPE_MAX_TOKENS, pope
+    from .data import TestbedSource
+    from .run import run_chair, run_pope
+
+    vhr = VhrConfig(alpha=res.alpha, layers=res.layers_spec) if vhr_on else VhrConfig(enabled=False)
+    gen = GenerationConfig(n_predict=max_tokens)
+    t0 = time.perf_counter()
+    chair = run_chair(TestbedSource(split, n=n, seed=seed), d, pool.captioner(DEFAULT_PROMPT, vhr, gen), tag=method,
+                      settings=run_settings(pool, vhr, gen, prompt=DEFAULT_PROMPT), progress=False)
+    wall = time.perf_counter() - t0
+    result = None
+    if pope_n > 0:
+        gen = GenerationConfig(n_predict=POPE_MAX_TOKENS)
+        result = run_pope(TestbedSource(split, n=pope_n, seed=seed), d / "pope", pool.answerer(vhr, gen), pope.POPE_SPLITS,
+                          seed=seed, n_pos=pope.N_POS, tag=method, settings=run_settings(pool, vhr, gen, suffix=""),
+                          progress=False)
+    for r, what in ((chair, "CHAIR"), (result or {}, "POPE")):
+        if r.get("n_failed"):
+            raise VhrEdgeError(f"{model.name} {method}: {r['n_failed']} {what} units failed on every try (see the "
+                               f"summary in {d}); run the same command again to retry them")
+    return chair, wall, result
+
+
 def compare(models: list[Path], mmproj: Path | None, out: Path, *, split: str, n: int, pope_n: int, seed: int,
             alpha: float | None, threads: int, max_tokens: int, layers: str | None = None,
-            profiles: list[Path] | None = None, no_profile: bool = False) -> list[dict]:
+            profiles: list[Path] | None = None, no_profile: bool = False, ray_args=None) -> list[dict]:
     """alpha/layers: explicit settings (None: each model's VHR profile, else 2 / auto).
-    profiles: one profile file per model (None: the profile beside each model, if any)."""
+    profiles: one profile file per model (None: the profile beside each model, if any).
+    ray_args: the parsed flags with --ray (cluster.open_pool): run on Ray actors, in this process."""
+    from .. import cluster
+
     from ..profile import resolve
     from ..flags import vhr_tag
 
@@ -83,28 +122,40 @@ def compare(models: list[Path], mmproj: Path | None, out: Path, *, split: str, n
         if line:
             print(line, file=sys.stderr, flush=True)
         vtag = vhr_tag(res.alpha, res.layers_spec)
-        for method, flags in (("greedy", ["--no-vhr"]),
-                              (vtag, ["--alpha", repr(res.alpha), "--layers", res.layers_spec, "--tag", vtag])):
-            common = ["-m", str(model), "--testbed", split, "--seed", str(seed), "-t", str(threads),
-                      "--no-progress", "--json", "--no-profile", *flags] + (["--mmproj", str(mmproj)] if mmproj else [])
-            d = out / model.stem
-            chair, wall, rss = run_child(["eval", "chair", "-n", str(n), "--max-tokens", str(max_tokens),
-                                          "--out", str(d), *common])
-            row = {"model": model.name, "method": method, "chair_s": chair["chair_s"], "chair_i": chair["chair_i"],
-                   "recall": chair["recall"], "mean_len": chair["mean_len"],
-                   "s_per_caption": round(wall / max(1, chair["n"]), 3),
-                   "tokens_per_s": round(mean_tokens_per_s(d / f"chair-{method}.jsonl"), 1),
-                   "file_mb": round(model.stat().st_size / 2**20, 2)}
-            if pope_n > 0:
-                pope, _, rss2 = run_child(["eval", "pope", "-n", str(pope_n), "--out", str(d / "pope"), *common])
-                f1 = [m["f1"] for m in pope.values()]
-                row["pope_f1"] = round(sum(f1) / len(f1), 4)
-                rss = max(rss, rss2)
-            else:
-                row["pope_f1"] = None
-            row["peak_rss_mb"] = round(rss, 1)
-            rows.append(row)
-            print(f"{model.name} {method}: {json.dumps(row)}", file=sys.stderr, flush=True)
+        pool = cluster.open_pool(ray_args, str(model), str(mmproj) if mmproj else None) if ray_args else None
+        try:
+            for method, flags in (("greedy", ["--no-vhr"]),
+                                  (vtag, ["--alpha", repr(res.alpha), "--layers", res.layers_spec, "--tag", vtag])):
+                common = ["-m", str(model), "--testbed", split, "--seed", str(seed), "-t", str(threads),
+                          "--no-progress", "--json", "--no-profile", *flags] + (["--mmproj", str(mmproj)] if mmproj else [])
+                d = out / model.stem
+                if pool is not None:
+                    chair, wall, pope = _on_ray(pool, model, method, method != "greedy", res, d, split=split, n=n,
+                                                pope_n=pope_n, seed=seed, max_tokens=max_tokens)
+                    rss = pool.peak_rss_mb
+                else:
+                    chair, wall, rss = run_child(["eval", "chair", "-n", str(n), "--max-tokens", str(max_tokens),
+                                                  "--out", str(d), *common])
+                    pope = None
+                    if pope_n > 0:
+                        pope, _, rss2 = run_child(["eval", "pope", "-n", str(pope_n), "--out", str(d / "pope"), *common])
+                        rss = max(rss, rss2)
+                row = {"model": model.name, "method": method, "chair_s": chair["chair_s"], "chair_i": chair["chair_i"],
+                       "recall": chair["recall"], "mean_len": chair["mean_len"],
+                       "s_per_caption": round(wall / max(1, chair["n"]), 3),
+                       "tokens_per_s": round(mean_tokens_per_s(d / f"chair-{method}.jsonl"), 1),
+                       "file_mb": round(model.stat().st_size / 2**20, 2)}
+                if pope is not None:
+                    f1 = [m["f1"] for m in pope.values()]
+                    row["pope_f1"] = round(sum(f1) / len(f1), 4)
+                else:
+                    row["pope_f1"] = None
+                row["peak_rss_mb"] = round(rss, 1)
+                rows.append(row)
+                print(f"{model.name} {method}: {json.dumps(row)}", file=sys.stderr, flush=True)
+        finally:
+            if pool is not None:
+                pool.close()
     return rows
 
 
@@ -145,6 +196,8 @@ def chart(rows: list[dict], path: Path) -> None:
 
 
 def register(sub) -> None:
+    from .. import cluster
+
     p = sub.add_parser("compare", help="models (e.g. F16 vs Q8_0 vs Q4) x greedy/VHR: CHAIR, POPE, speed, memory")
     p.add_argument("-m", "--model", action="append", dest="models", metavar="MODEL",
                    help="text GGUF (repeat; default: the bundled testbed F16, Q8_0, Q4_K_M)")
@@ -162,10 +215,14 @@ def register(sub) -> None:
     p.add_argument("--max-tokens", type=int, default=512, help="max new tokens per caption (512, the paper's)")
     p.add_argument("-t", "--threads", type=int, default=0)
     p.add_argument("--out", type=Path, default=Path("results/compare"))
+    cluster.add_args(p)
     p.set_defaults(func=cmd_compare)
 
 
 def cmd_compare(args) -> int:
+    from .. import cluster
+
+    cluster.check_args(args)
     if args.n < 1 or args.pope_n < 0:
         raise ConfigError("-n must be >= 1 and --pope-n >= 0")
     if args.alpha is not None and not args.alpha > 0:
@@ -176,7 +233,8 @@ def cmd_compare(args) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     rows = compare(models, Path(args.mmproj) if args.mmproj else None, args.out, split=args.testbed, n=args.n,
                    pope_n=args.pope_n, seed=args.seed, alpha=args.alpha, threads=args.threads,
-                   max_tokens=args.max_tokens, layers=args.layers, profiles=args.profiles, no_profile=args.no_profile)
+                   max_tokens=args.max_tokens, layers=args.layers, profiles=args.profiles, no_profile=args.no_profile,
+                   ray_args=args if args.ray else None)
     md = markdown(rows)
     (args.out / "compare.md").write_text(md + "\n")
     with open(args.out / "compare.csv", "w", newline="") as f:

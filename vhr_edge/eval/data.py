@@ -46,6 +46,9 @@ class Item:
     image_id: Any  # str for the testbed, as in the file for COCO (usually int)
     gt: tuple[str, ...]  # present categories, sorted
     load: Callable[[], Any]  # -> anything Session.caption accepts (path or HxWx3 array)
+    # How a worker elsewhere gets the same image (`cluster`): ("testbed", split, seed, index, size),
+    # rendered there from the seed, or the image file's absolute path.
+    portable: Any = None
 
     @property
     def key(self) -> str:
@@ -99,7 +102,8 @@ class TestbedSource(DataSource):
         def loader(scene):
             return lambda: np.asarray(render(scene, self.size))
 
-        self.items = [Item(s.id, tuple(sorted(s.categories)), loader(s)) for s in self.scenes]
+        self.items = [Item(s.id, tuple(sorted(s.categories)), loader(s), ("testbed", split, self.seed, i, self.size))
+                      for i, s in enumerate(self.scenes)]
 
     def describe(self) -> dict:
         return {"kind": "testbed", "split": self.split, "seed": self.seed, "n": self.n, "size": self.size}
@@ -110,6 +114,14 @@ class TestbedSource(DataSource):
         from ..testbed.scenes import make_split
 
         return [tuple(sorted(s.categories)) for s in make_split("indist", POOL_SCENES, self.seed)]
+
+
+def testbed_image(split: str, seed: int, index: int, size: int) -> np.ndarray:
+    """Scene `index` of TestbedSource(split, n > index, seed, size), rendered alone (the same pixels)."""
+    from ..testbed.scenes import render, sample_scene, scene_rng
+
+    scene = sample_scene(scene_rng(split, seed, index), split, f"{split}-{seed}-{index:06d}")
+    return np.asarray(render(scene, size))
 
 
 def _read_json(path: Path, what: str) -> Any:
@@ -170,7 +182,7 @@ class CocoSource(DataSource):
             if path is None:
                 missing.append(files[i])
                 continue
-            self.items.append(Item(i, tuple(sorted(gts[i])), (lambda p=str(path): p)))
+            self.items.append(Item(i, tuple(sorted(gts[i])), (lambda p=str(path): p), os.path.abspath(path)))
         if missing:
             raise DataError(f"{len(missing)} of the {len(chosen)} chosen images are not in {self.images_dir} "
                             f"(first: {missing[0]})")

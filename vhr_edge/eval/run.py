@@ -17,6 +17,14 @@ line is cut off (the file is truncated to its last newline), and ids already pre
 skipped; a line is never written twice. A settings file that differs from the current settings
 stops the run (use another --out or --tag) instead of mixing two methods in one file.
 Summaries are recomputed from the captions of all lines, so they follow the current rules.
+Each line is fsync'ed as it is written (a line counts only once it is on disk).
+
+The work itself is a captioner (answerer for POPE): a function called once per item, in order,
+or an object with `map_unordered(units)` that yields (index, result) as results finish anywhere
+(`cluster.Pool` on Ray). Either way this module alone writes the file. A result may be a
+`Failed` (a unit that failed on every try): it is written as a row with "error" and "tries"
+(once per id), left out of the scores (the summary says "n_failed"), and tried again by the
+next start; a later success is appended and wins, so every id has exactly one result line.
 """
 
 from __future__ import annotations
@@ -24,22 +32,32 @@ from __future__ import annotations
 import json
 import os
 import sys
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Callable, Iterator, Optional, Sequence
 
 from ..errors import ConfigError
 from . import chair, pope
 from .data import DataError, DataSource, Item, write_ids
 
 
+@dataclass
+class Failed:
+    """A unit that failed on every try (on Ray: its worker died, or the caption raised)."""
+
+    error: str
+    tries: int
+
+
 class JsonlStore:
-    """An append-only JSON-lines file keyed by `key(record)`; survives kills (see module doc)."""
+    """An append-only JSON-lines file keyed by `key(record)`; survives kills (see module doc).
+    Records with an "error" field are failures: kept in `failed`, not `done`, until a success."""
 
     def __init__(self, path, key: Callable[[dict], str]):
         self.path = Path(path)
         self.key = key
         self.done: dict[str, dict] = {}
+        self.failed: dict[str, dict] = {}
         self.dropped_partial = 0  # bytes of a partial last line cut off on open
         self._recover()
         self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
@@ -63,20 +81,30 @@ class JsonlStore:
             except (ValueError, KeyError, TypeError):
                 raise DataError(f"{self.path} line {n} is not a result line of this run; "
                                 "use another --out") from None
-            self.done.setdefault(k, rec)
+            if "error" in rec:
+                self.failed[k] = rec
+            else:
+                self.done.setdefault(k, rec)
+        for k in self.done:
+            self.failed.pop(k, None)
 
     def __contains__(self, k: str) -> bool:
         return k in self.done
 
     def add(self, rec: dict) -> None:
         k = self.key(rec)
-        if k in self.done:
+        if k in self.done or ("error" in rec and k in self.failed):  # one failed row per id is enough
             return
         buf = (json.dumps(rec) + "\n").encode()
         while buf:  # one write() for a line in practice; loop only if the OS writes part of it
             n = os.write(self._fd, buf)
             buf = buf[n:]
-        self.done[k] = rec
+        os.fsync(self._fd)
+        if "error" in rec:
+            self.failed[k] = rec
+        else:
+            self.done[k] = rec
+            self.failed.pop(k, None)
 
     def close(self) -> None:
         if self._fd >= 0:
@@ -145,6 +173,34 @@ def session_answerer(session, vhr, gen, suffix: str = "") -> Answerer:
     return answer
 
 
+def results(units: Sequence[tuple], work) -> Iterator[tuple[int, Any]]:
+    """(index, result) per unit: `work(*unit)` in order, or `work.map_unordered(units)` as they finish."""
+    many = getattr(work, "map_unordered", None)
+    if many is not None:
+        yield from many(units)
+        return
+    for i, u in enumerate(units):
+        yield i, work(*u)
+
+
+def captioner_for(session, prompt: str, vhr, gen) -> Captioner:
+    """A Session's captioner, or a cluster pool's (anything with its own `captioner`)."""
+    if hasattr(session, "captioner"):
+        return session.captioner(prompt, vhr, gen)
+    return session_captioner(session, prompt, vhr, gen)
+
+
+def answerer_for(session, vhr, gen, suffix: str = "") -> Answerer:
+    if hasattr(session, "answerer"):
+        return session.answerer(vhr, gen, suffix)
+    return session_answerer(session, vhr, gen, suffix)
+
+
+def _failed_summary(store: JsonlStore, keys: Sequence[str]) -> dict:
+    failed = {k: store.failed[k] for k in keys if k in store.failed}
+    return {"failed": {k: {"error": r["error"], "tries": r.get("tries")} for k, r in failed.items()}} if failed else {}
+
+
 def _timing_summary(recs: Sequence[dict]) -> dict:
     ts = [r.get("timings") or {} for r in recs]
     tot = [t["total_ms"] for t in ts if isinstance(t.get("total_ms"), (int, float))]
@@ -156,9 +212,11 @@ def _timing_summary(recs: Sequence[dict]) -> dict:
 
 
 def run_chair(source: DataSource, out_dir, captioner: Captioner, *, tag: str = "run",
-              settings: Optional[dict] = None, progress: bool = True) -> dict:
+              settings: Optional[dict] = None, progress: bool = True,
+              on_result: Optional[Callable[[], None]] = None) -> dict:
     """Caption every item not yet done, append JSONL lines, write and return the summary
-    ({"n", "chair_s", "chair_i", "recall", "mean_len"} over all items of the source)."""
+    ({"n", "chair_s", "chair_i", "recall", "mean_len"} over all items of the source; plus
+    "n_failed" when some items failed on every try). on_result: called after each new line."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     write_ids(out, source)
@@ -169,28 +227,38 @@ def run_chair(source: DataSource, out_dir, captioner: Captioner, *, tag: str = "
         bar = _progress(len(source.items), len(source.items) - len(todo), f"chair {tag}", progress)
         n_hall = n_new = 0
         try:
-            for it in todo:
-                text, timings = captioner(it)
-                sc = chair.score_caption(text, it.gt, vocab)
-                store.add({"image_id": it.image_id, "caption": text, "gt_objects": list(it.gt),
-                           "mentioned": sc["mentioned"], "hallucinated": sc["hallucinated"],
-                           "negated": sc["negated"], "timings": timings})
-                n_hall += bool(sc["hallucinated"])
-                n_new += 1
+            for i, res in results([(it,) for it in todo], captioner):
+                it = todo[i]
+                if isinstance(res, Failed):
+                    store.add({"image_id": it.image_id, "error": res.error, "tries": res.tries})
+                else:
+                    text, timings = res
+                    sc = chair.score_caption(text, it.gt, vocab)
+                    store.add({"image_id": it.image_id, "caption": text, "gt_objects": list(it.gt),
+                               "mentioned": sc["mentioned"], "hallucinated": sc["hallucinated"],
+                               "negated": sc["negated"], "timings": timings})
+                    n_hall += bool(sc["hallucinated"])
+                    n_new += 1
                 if bar is not None:
                     bar.set_postfix_str(f"CHAIR_S {n_hall}/{n_new} new", refresh=False)
                     bar.update(1)
+                if on_result is not None:
+                    on_result()
         finally:
             if bar is not None:
                 bar.close()
-        recs = [store.done[it.key] for it in source.items]
-    scores = chair.chair_scores(({"caption": r["caption"], "gt_objects": it.gt} for r, it in zip(recs, source.items)),
+        scored = [it for it in source.items if it.key in store.done]
+        recs = [store.done[it.key] for it in scored]
+        failed = _failed_summary(store, [it.key for it in source.items])
+    scores = chair.chair_scores(({"caption": r["caption"], "gt_objects": it.gt} for r, it in zip(recs, scored)),
                                 vocab)
-    summary = scores.summary
+    summary = dict(scores.summary)
+    if failed:
+        summary["n_failed"] = len(failed["failed"])
     _write_json(out / f"chair-{tag}.summary.json", {
         **summary, "tag": tag, "vocabulary": vocab.name, "negation_rule": chair.NEGATION_RULE,
         "data": source.describe(), "timing": _timing_summary(recs), "settings": settings or {},
-        "jsonl": f"chair-{tag}.jsonl",
+        "jsonl": f"chair-{tag}.jsonl", **failed,
     })
     return summary
 
@@ -227,25 +295,34 @@ def run_pope(source: DataSource, out_dir, answerer: Answerer, splits: Sequence[s
         todo = [q for k, q in unique.items() if k not in store]
         bar = _progress(len(unique), len(unique) - len(todo), f"pope {tag}", progress, unit="q")
         try:
-            for q in todo:
-                text, timings = answerer(by_id[str(q.image_id)], q.question)
-                store.add({"image_id": q.image_id, "object": q.object, "question": q.question,
-                           "answer": text, "pred": pope.parse_yes_no(text), "timings": timings})
+            for i, res in results([(by_id[str(q.image_id)], q.question) for q in todo], answerer):
+                q = todo[i]
+                if isinstance(res, Failed):
+                    store.add({"image_id": q.image_id, "object": q.object, "question": q.question,
+                               "error": res.error, "tries": res.tries})
+                else:
+                    text, timings = res
+                    store.add({"image_id": q.image_id, "object": q.object, "question": q.question,
+                               "answer": text, "pred": pope.parse_yes_no(text), "timings": timings})
                 if bar is not None:
                     bar.update(1)
         finally:
             if bar is not None:
                 bar.close()
-        answers = {k: store.done[k]["answer"] for k in unique}
+        answers = {k: store.done[k]["answer"] for k in unique if k in store.done}
+        failed = _failed_summary(store, list(unique))
     result: dict[str, dict] = {}
     for s in splits:
-        labels = [q.label for q in qs[s]]
-        preds = [pope.parse_yes_no(answers[key(q.image_id, q.object)]) for q in qs[s]]
+        asked = [q for q in qs[s] if key(q.image_id, q.object) in answers]
+        labels = [q.label for q in asked]
+        preds = [pope.parse_yes_no(answers[key(q.image_id, q.object)]) for q in asked]
         result[s] = pope.pope_metrics(labels, preds)
     if len(splits) > 1:
         result["average"] = pope.average([result[s] for s in splits])
     _write_json(out / f"pope-{tag}.summary.json", {
         **result, "tag": tag, "data": source.describe(), "pope_seed": seed, "n_pos": n_pos,
-        "settings": settings or {}, "jsonl": f"pope-{tag}.jsonl",
+        "settings": settings or {}, "jsonl": f"pope-{tag}.jsonl", **failed,
     })
+    if failed:
+        result = {**result, "n_failed": len(failed["failed"])}
     return result

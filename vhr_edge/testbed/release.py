@@ -69,14 +69,14 @@ def pope_f1(session, n: int) -> dict:
     return out
 
 
-def measure(models: Path, n: int) -> dict:
+def measure(models: Path, n: int, threads: int = 0) -> dict:
     from ..session import GenerationConfig, Session, VhrConfig
 
     gen = GenerationConfig(n_predict=96)
     mmproj = models / "testbed-mmproj-f16.gguf"
     res: dict = {"n": n, "eval_seed": EVAL_SEED, "max_tokens": gen.n_predict}
     for label, fname in (("F16", "testbed-f16.gguf"), *((k, v) for k, v in QUANTS.items())):
-        s = Session(models / fname, mmproj)
+        s = Session(models / fname, mmproj, n_threads=threads)
         t0 = time.perf_counter()
         row = {
             "indist": evaluate(s, "indist", n, gen=gen, vhr=VhrConfig(enabled=False)),
@@ -100,13 +100,14 @@ def main(argv=None) -> None:
     ap.add_argument("--models", type=Path, default=Path("models"))
     ap.add_argument("-n", type=int, default=200, help="scenes per evaluation")
     ap.add_argument("--skip-export", action="store_true")
+    ap.add_argument("-t", "--threads", type=int, default=0, help="CPU threads per caption (default: all)")
     a = ap.parse_args(argv)
     a.models.mkdir(parents=True, exist_ok=True)
     if not a.skip_export:
         export_models(a.run, a.models)
         for f in ("loss_curves.png", "train_log.json"):
             shutil.copy(a.run / f, a.models / f)
-    metrics = measure(a.models, a.n)
+    metrics = measure(a.models, a.n, a.threads)
     metrics["train"] = json.loads((a.models / "train_log.json").read_text())
     metrics["files"] = shipped_files(a.models)
     (a.models / "testbed_metrics.json").write_text(json.dumps(metrics, indent=1))
