@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from vhr_edge.errors import ModelError
-from vhr_edge.mmproj import corrected_path, plan, prepare, write_with_feature_layer
+from vhr_edge.mmproj import corrected_path, plan, prepare
 from vhr_edge.preprocess import anyres_tiles, expand2square, pack_anyres, select_best_resolution, unpad
 
 
