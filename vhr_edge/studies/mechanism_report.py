@@ -59,7 +59,7 @@ def trace_section(out: Path, docs: Path) -> tuple[str, dict]:
             if (d / "trace-greedy.summary.json").exists():
                 runs[(model, split)] = (json.loads((d / "trace-greedy.summary.json").read_text()),
                                         _lines(d / "trace-greedy.jsonl"))
-    rows, res = [], {}
+    res = {}
     md = ["| file | split | captions | real / hallucinated mentions | AUROC [95% CI] | AUROC, mentions after the "
           "caption's first object | mean T-VHD real | mean T-VHD hallucinated | CHAIR_S |",
           "|---|---|---|---|---|---|---|---|---|"]

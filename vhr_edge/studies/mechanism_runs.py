@@ -214,7 +214,6 @@ def load_probe(path: Path, alpha: float, ids=None) -> dict:
 
 def pooled_scores(per_image: dict) -> dict:
     """Mention-weighted means over images: "hall", "real" and "margin" = hall - real [L, H]."""
-    import numpy as np
 
     wh = sum(v["n_hall"] for v in per_image.values())
     wr = sum(v["n_real"] for v in per_image.values() if v["real"] is not None)
