@@ -22,26 +22,19 @@ from typing import Optional
 import numpy as np
 
 from ..errors import ConfigError
-from ..profile_rule import _boot_idx
+from . import stats
 
-METRICS = ("chair_s", "chair_i", "recall")
-
-
-def _counts(rec: dict) -> tuple[float, float, float, float, float]:
-    """(has_hallucination, hallucinated mentions, mentions, ground-truth hits, ground-truth objects)."""
-    gt = set(rec["gt_objects"])
-    mentioned, hallucinated = rec["mentioned"], rec["hallucinated"]
-    return (float(bool(hallucinated)), float(len(hallucinated)), float(len(mentioned)),
-            float(sum(c in gt for c in mentioned)), float(len(gt)))
+METRICS = stats.METRICS
 
 
-def _metrics(c: np.ndarray) -> dict[str, np.ndarray]:
-    """Metrics from count rows c[..., n_images, 5] (summed over the image axis)."""
-    s = c.sum(axis=-2)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        return {"chair_s": s[..., 0] / c.shape[-2],
-                "chair_i": np.where(s[..., 2] > 0, s[..., 1] / np.maximum(s[..., 2], 1), 0.0),
-                "recall": np.where(s[..., 4] > 0, s[..., 3] / np.maximum(s[..., 4], 1), 0.0)}
+def _rows(recs: list[dict]) -> np.ndarray:
+    """stats.chair_rows of recorded lines: their mentions against their own ground truth."""
+    per = []
+    for rec in recs:
+        gt = set(rec["gt_objects"])
+        per.append({"mentioned": rec["mentioned"], "hallucinated": rec["hallucinated"],
+                    "hit": [c for c in rec["mentioned"] if c in gt], "n_gt": len(gt)})
+    return stats.chair_rows(per)
 
 
 def read_runs(out: Path) -> dict[str, dict[str, dict]]:
@@ -60,7 +53,7 @@ def read_runs(out: Path) -> dict[str, dict[str, dict]]:
                 rec = json.loads(line)
                 if "error" in rec:  # a unit that failed on every try (eval/run.py): not a caption
                     continue
-                _counts(rec)
+                _rows([rec])
             except (ValueError, KeyError, TypeError):
                 raise ConfigError(f"{path} line {n} is not a CHAIR result line") from None
             recs[str(rec["image_id"])] = rec  # a later success of a failed id follows its failed row
@@ -76,31 +69,22 @@ def report(runs: dict[str, dict[str, dict]], baseline: Optional[str] = "greedy",
     """{"baseline", "n_boot", "methods": {tag: {"n", metric: {"value", "ci"}, "vs_baseline": {...}}}}."""
     if baseline is not None and baseline not in runs:
         raise ConfigError(f"no run tagged {baseline!r} (runs: {', '.join(runs)})")
+    r4 = lambda x: round(float(x), 4)  # noqa: E731
     out: dict = {"baseline": baseline, "n_boot": n_boot, "seed": seed, "methods": {}}
     for tag, recs in runs.items():
         ids = sorted(recs)
-        c = np.array([_counts(recs[i]) for i in ids])
-        point = _metrics(c)
-        boot = _metrics(c[_boot_idx(len(ids), n_boot, seed)])
-        row = {"n": len(ids), "mean_len": round(float(np.mean([len(recs[i]["caption"].split()) for i in ids])), 2)}
+        ci = stats.chair_ci(_rows([recs[i] for i in ids]), n_boot, seed)
+        row = {"n": len(ids), "mean_len": r4(np.mean([len(recs[i]["caption"].split()) for i in ids]))}
         for m in METRICS:
-            row[m] = {"value": round(float(point[m]), 4),
-                      "ci": [round(float(np.percentile(boot[m], q)), 4) for q in (2.5, 97.5)]}
+            row[m] = {"value": r4(ci[m]["estimate"]), "ci": [r4(x) for x in ci[m]["ci"]]}
         if baseline is not None and tag != baseline:
             common = sorted(set(recs) & set(runs[baseline]))
             if common:
-                a = np.array([_counts(recs[i]) for i in common])
-                b = np.array([_counts(runs[baseline][i]) for i in common])
-                idx = _boot_idx(len(common), n_boot, seed)  # the same resample for both: paired
-                da, db = _metrics(a), _metrics(b)
-                ba, bb = _metrics(a[idx]), _metrics(b[idx])
-                diff = {"n": len(common)}
-                for m in METRICS:
-                    d = ba[m] - bb[m]
-                    lo, hi = (float(np.percentile(d, q)) for q in (2.5, 97.5))
-                    diff[m] = {"estimate": round(float(da[m] - db[m]), 4), "ci": [round(lo, 4), round(hi, 4)],
-                               "beyond_interval": hi < 0 or lo > 0}
-                row["vs_baseline"] = diff
+                d = stats.chair_paired_diff(_rows([recs[i] for i in common]),
+                                            _rows([runs[baseline][i] for i in common]), n_boot, seed)
+                row["vs_baseline"] = {"n": len(common), **{
+                    m: {"estimate": r4(d[m]["estimate"]), "ci": [r4(x) for x in d[m]["ci"]],
+                        "beyond_interval": d[m]["below_zero"] or d[m]["above_zero"]} for m in METRICS}}
         out["methods"][tag] = row
     return out
 
