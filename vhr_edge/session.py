@@ -20,13 +20,12 @@ from __future__ import annotations
 
 import math
 import os
-import queue
 import sys
 import threading
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Callable, Iterator, Optional, Union
+from typing import Callable, Optional, Union
 
 import numpy as np
 
@@ -39,6 +38,7 @@ from .mmproj import image_newline
 from .mmproj import prepare as prepare_mmproj
 from .preprocess import IMAGE_MODES, Tiler
 from .profile import carried_template
+from .stream import CaptionStream
 from .templates import GGUF_KEY as TEMPLATE_GGUF_KEY
 from .templates import model_template, resolve_template
 
@@ -344,7 +344,7 @@ class Session:
             trace=raw["trace"] if trace else None,
         )
 
-    def stream(self, image: ImageSource, prompt: str = DEFAULT_PROMPT, **kwargs) -> "CaptionStream":
+    def stream(self, image: ImageSource, prompt: str = DEFAULT_PROMPT, **kwargs) -> CaptionStream:
         """Caption one image and iterate over its text as it is generated:
 
             with session.stream(img, n_predict=64) as st:
@@ -402,88 +402,3 @@ class Session:
 
     def __exit__(self, *exc) -> None:
         self.close()
-
-
-
-class _StreamState:
-    """What the worker thread of a CaptionStream shares with it (the worker holds no reference
-    to the stream itself, so dropping the stream can cancel the caption)."""
-
-    END = object()
-
-    def __init__(self):
-        self.pieces: "queue.Queue" = queue.Queue()
-        self.cancel = threading.Event()
-        self.result: Optional[CaptionResult] = None
-        self.error: Optional[BaseException] = None
-
-    def on_token(self, token: int, piece: str) -> bool:
-        if piece:
-            self.pieces.put(piece)
-        return not self.cancel.is_set()
-
-    def work(self, session: Session, image: ImageSource, prompt: str, kwargs: dict) -> None:
-        try:
-            self.result = session.caption(image, prompt, on_token=self.on_token, **kwargs)
-        except BaseException as e:  # raised to the reader
-            self.error = e
-        finally:
-            self.pieces.put(self.END)
-
-
-class CaptionStream:
-    """Session.stream's iterator of text pieces; .result is the CaptionResult once it ended."""
-
-    def __init__(self, session: Session, image: ImageSource, prompt: str, kwargs: dict):
-        self._state = _StreamState()
-        self._ended = False
-        self._thread = threading.Thread(target=self._state.work, args=(session, image, prompt, kwargs),
-                                        name="vhr-edge-stream", daemon=True)
-        self._thread.start()
-
-    @property
-    def result(self) -> Optional[CaptionResult]:
-        """The CaptionResult, once the iteration ended (or after close()); None if it failed."""
-        return self._state.result
-
-    def __iter__(self) -> Iterator[str]:
-        return self
-
-    def __next__(self) -> str:
-        if self._ended:
-            raise StopIteration
-        item = self._state.pieces.get()
-        if item is _StreamState.END:
-            self._finish()
-            raise StopIteration
-        return item
-
-    def _finish(self) -> None:
-        self._ended = True
-        self._thread.join()
-        err, self._state.error = self._state.error, None
-        if err is not None:
-            raise err
-
-    def close(self) -> None:
-        """Stop the caption at the next token (if it still runs) and wait for it to end. An
-        error the iteration has not raised yet (a bad image, a bad option) is raised here, so a
-        stream that is never iterated does not lose it."""
-        if not self._ended:
-            self._state.cancel.set()
-            self._finish()
-
-    def __enter__(self) -> "CaptionStream":
-        return self
-
-    def __exit__(self, exc_type, exc, tb) -> None:
-        if exc_type is None:
-            self.close()
-            return
-        try:  # the with block's own exception wins over the caption's
-            self.close()
-        except Exception:
-            pass
-
-    def __del__(self) -> None:
-        self._state.cancel.set()  # a dropped stream stops its caption at the next token

@@ -110,7 +110,7 @@ MUTANTS: list[Mutant] = [
       'if (gen.on_token && !gen.on_token(tok, stream.next(r.tokens))) { r.stop_reason = "cancelled"; break; }',
       "if (gen.on_token) gen.on_token(tok, stream.next(r.tokens));",
       (T + "test_stream.py",), "returning False from on_token does not stop the caption"),
-    M("stream-close-not-cancelling", "vhr_edge/session.py",
+    M("stream-close-not-cancelling", "vhr_edge/stream.py",
       "        return not self.cancel.is_set()",
       "        return True",
       (T + "test_stream.py",), "closing a CaptionStream lets its caption run to the end"),
