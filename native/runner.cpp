@@ -15,8 +15,10 @@
 #include "gguf.h"
 #include "llama.h"
 #include "mtmd.h"
+#include "backend.h"
 #include "clip_fix.h"
 #include "head_hook.h"
+#include "text_stream.h"
 #include "token_embd.h"
 #include "vhr_core.h"
 #include "weight_fold.h"
@@ -31,65 +33,6 @@ double ms_since(Clock::time_point t0) {
 }
 
 [[noreturn]] void fail(const std::string & msg) { throw std::runtime_error(msg); }
-
-// ---- logging: llama.cpp and libmtmd are quiet unless verbose; their last error is kept
-// so that a failed load can say why in one line.
-std::mutex g_log_mutex;
-std::string g_last_error;
-bool g_verbose = false;
-
-void log_callback(ggml_log_level level, const char * text, void *) {
-    std::lock_guard<std::mutex> lock(g_log_mutex);
-    if (level == GGML_LOG_LEVEL_ERROR) {
-        g_last_error = text;
-    } else if (level == GGML_LOG_LEVEL_CONT && !g_last_error.empty()) {
-        g_last_error += text;
-    }
-    if (g_verbose) fputs(text, stderr);
-}
-
-std::string take_last_error() {
-    std::lock_guard<std::mutex> lock(g_log_mutex);
-    std::string e = g_last_error;
-    g_last_error.clear();
-    while (!e.empty() && (e.back() == '\n' || e.back() == ' ')) e.pop_back();
-    std::replace(e.begin(), e.end(), '\n', ' ');
-    return e;
-}
-
-void init_backend_once(bool verbose) {
-    static std::once_flag once;
-    {
-        std::lock_guard<std::mutex> lock(g_log_mutex);
-        g_verbose = g_verbose || verbose;
-    }
-    std::call_once(once, [] {
-        llama_log_set(log_callback, nullptr);
-        mtmd_log_set(log_callback, nullptr);
-        llama_backend_init();
-    });
-}
-
-// ---- mmproj checks: is it a LLaVA-style vision projector at all?
-void check_mmproj(const std::string & path) {
-    gguf_init_params params = {/*no_alloc =*/ true, /*ctx =*/ nullptr};
-    std::unique_ptr<gguf_context, decltype(&gguf_free)> g(
-        gguf_init_from_file(path.c_str(), params), gguf_free);
-    if (!g) fail("cannot read mmproj " + path + ": not a GGUF file, or truncated");
-    auto get_str = [&](const char * key) -> std::string {
-        const int64_t k = gguf_find_key(g.get(), key);
-        return (k >= 0 && gguf_get_kv_type(g.get(), k) == GGUF_TYPE_STRING) ? gguf_get_val_str(g.get(), k) : "";
-    };
-    const std::string arch = get_str("general.architecture");
-    if (arch != "clip") fail("mmproj " + path + " has architecture '" + arch + "', expected 'clip'");
-    std::string proj = get_str("clip.vision.projector_type");
-    if (proj.empty()) proj = get_str("clip.projector_type");
-    static const std::set<std::string> llava_like = {"mlp", "mlp_norm", "ldp", "ldpv2"};
-    if (!llava_like.count(proj)) {
-        fail("mmproj " + path + " has projector '" + proj +
-             "', not a LLaVA-style projector (expected mlp, mlp_norm, ldp or ldpv2)");
-    }
-}
 
 struct Sampler {
     llama_sampler * chain;
@@ -121,65 +64,6 @@ struct Batch {
     ~Batch() { llama_batch_free(b); }
 };
 
-
-// ---- text: the caption is the detokenized tokens (specials removed), trimmed of whitespace
-const char * const kSpace = " \n\t";
-
-std::string detokenize(const llama_vocab * vocab, const std::vector<llama_token> & tokens) {
-    std::string out(tokens.size() * 16 + 16, '\0');
-    int32_t n = llama_detokenize(vocab, tokens.data(), (int32_t) tokens.size(), &out[0], (int32_t) out.size(),
-                                 /*remove_special =*/ true, /*unparse_special =*/ false);
-    if (n < 0) {
-        out.resize((size_t) -n);
-        n = llama_detokenize(vocab, tokens.data(), (int32_t) tokens.size(), &out[0], (int32_t) out.size(), true, false);
-    }
-    out.resize((size_t) std::max(n, 0));
-    return out;
-}
-
-std::string trimmed(const std::string & s) {
-    const size_t first = s.find_first_not_of(kSpace);
-    return first == std::string::npos ? "" : s.substr(first, s.find_last_not_of(kSpace) - first + 1);
-}
-
-// Bytes at the end of s that start a UTF-8 sequence they do not complete (0 if none).
-size_t incomplete_utf8_tail(const std::string & s) {
-    const size_t n = s.size();
-    for (size_t k = 1; k <= std::min<size_t>(3, n); ++k) {
-        const unsigned char c = (unsigned char) s[n - k];
-        if ((c & 0xC0) == 0x80) continue;  // a continuation byte: look further back
-        const size_t need = (c & 0xE0) == 0xC0 ? 2 : (c & 0xF0) == 0xE0 ? 3 : (c & 0xF8) == 0xF0 ? 4 : 1;
-        return need > k ? k : 0;
-    }
-    return 0;
-}
-
-// GenParams::on_token's pieces: what the tokens so far add to the caption text, holding back a
-// trailing incomplete UTF-8 sequence and trailing whitespace (the final text is trimmed).
-class TextStream {
-public:
-    explicit TextStream(const llama_vocab * vocab) : vocab_(vocab) {}
-    std::string next(const std::vector<llama_token> & tokens) {
-        std::string s = detokenize(vocab_, tokens);
-        s.erase(0, std::min(s.size(), s.find_first_not_of(kSpace)));
-        s.resize(s.size() - incomplete_utf8_tail(s));
-        const size_t last = s.find_last_not_of(kSpace);
-        s.resize(last == std::string::npos ? 0 : last + 1);
-        return take(s);
-    }
-    std::string rest(const std::string & text) { return take(text); }  // when generation ended
-private:
-    std::string take(const std::string & s) {
-        // detokenizing one more token only appends for SPM/BPE vocabularies; if it ever rewrote
-        // the past, wait until the text catches up again
-        if (s.size() <= sent_.size() || s.compare(0, sent_.size(), sent_) != 0) return "";
-        std::string piece = s.substr(sent_.size());
-        sent_ = s;
-        return piece;
-    }
-    const llama_vocab * vocab_;
-    std::string sent_;
-};
 
 }  // namespace
 
