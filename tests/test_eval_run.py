@@ -16,6 +16,7 @@ from PIL import Image
 
 from vhr_edge.errors import ConfigError
 from vhr_edge.eval import chair
+from conftest import stderr_lines
 from vhr_edge.eval.data import CocoSource, DataError, TestbedSource, write_ids
 from vhr_edge.eval.run import JsonlStore, run_chair, run_pope
 from vhr_edge.testbed import coco
@@ -326,3 +327,32 @@ def test_eval_usage_errors_exit_2(tmp_path):
     assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1
     r = cli("eval")
     assert r.returncode == 2
+
+
+def test_a_bad_image_fails_alone_locally_as_on_ray(tiny, coco_dir, tmp_path):
+    """A picture that cannot be read becomes one failed row (as with --ray); the other images are
+    captioned, the command ends with one line and exit 1, and a restart writes no second row."""
+    import shutil
+    from pathlib import Path
+
+    text, mmproj = tiny
+    images = tmp_path / "images"
+    shutil.copytree(coco_dir / "images", images)
+    ann = json.loads((coco_dir / "instances.json").read_text())
+    drawn = CocoSource(images, coco_dir / "instances.json", n=4, seed=7).ids
+    bad = next(img for img in ann["images"] if img["id"] == drawn[1])
+    (images / Path(bad["file_name"]).name).write_bytes(b"not an image at all")
+    args = ["eval", "chair", "--images", images, "--annotations", coco_dir / "instances.json", "-n", "4", "--seed", "7",
+            "-m", text, "--mmproj", mmproj, "-t", "1", "--max-tokens", "8", "--json", "--no-progress",
+            "--out", tmp_path / "out"]
+    for _ in range(2):
+        r = cli(*args)
+        assert r.returncode == 1, r.stderr
+        err = stderr_lines(r.stderr)
+        assert len(err) == 1 and err[0].startswith("vhr-edge: error: 1 units failed") and "Traceback" not in r.stderr
+        summary = json.loads(r.stdout.strip().splitlines()[-1])
+        assert summary["n"] == 3 and summary["n_failed"] == 1
+        recs = lines(tmp_path / "out" / "chair-vhr-a2.jsonl")
+        assert len(recs) == 4 and len({x["image_id"] for x in recs}) == 4
+        failed = [x for x in recs if "error" in x]
+        assert [x["image_id"] for x in failed] == [bad["id"]] and failed[0]["error"].startswith("ImageError: ")

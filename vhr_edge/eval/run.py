@@ -36,7 +36,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator, Optional, Sequence
 
-from ..errors import ConfigError
+from ..errors import ConfigError, ImageError
 from . import chair, pope
 from .data import DataError, DataSource, Item, write_ids
 
@@ -174,13 +174,18 @@ def session_answerer(session, vhr, gen, suffix: str = "") -> Answerer:
 
 
 def results(units: Sequence[tuple], work) -> Iterator[tuple[int, Any]]:
-    """(index, result) per unit: `work(*unit)` in order, or `work.map_unordered(units)` as they finish."""
+    """(index, result) per unit: `work(*unit)` in order, or `work.map_unordered(units)` as they finish.
+    Locally, as on Ray, an image that cannot be read fails alone: a `Failed` for its unit (no
+    retry: the same file fails the same way), and the run goes on."""
     many = getattr(work, "map_unordered", None)
     if many is not None:
         yield from many(units)
         return
     for i, u in enumerate(units):
-        yield i, work(*u)
+        try:
+            yield i, work(*u)
+        except ImageError as e:
+            yield i, Failed(f"ImageError: {e}", 1)
 
 
 def captioner_for(session, prompt: str, vhr, gen) -> Captioner:
