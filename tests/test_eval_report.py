@@ -62,6 +62,17 @@ def test_paired_difference_is_tighter_than_unpaired(tmp_path):
     assert d["chair_s"]["ci"][1] - d["chair_s"]["ci"][0] <= unpaired_width + 1e-9
 
 
+def test_identical_runs_differ_by_exactly_zero(tmp_path):
+    """Paired: each resample draws the same images for both runs, so two identical runs differ
+    by 0 in every resample (an unpaired bootstrap would give an interval around 0)."""
+    recs = [rec(i, ["fork", "knife"] if i % 3 == 0 else ["fork"], ["fork", "cup"][: 1 + i % 2]) for i in range(30)]
+    write(tmp_path, "greedy", recs)
+    write(tmp_path, "vhr-a2", recs)
+    d = report(read_runs(tmp_path), "greedy", n_boot=500)["methods"]["vhr-a2"]["vs_baseline"]
+    for m in ("chair_s", "chair_i", "recall"):
+        assert d[m]["estimate"] == 0 and d[m]["ci"] == [0, 0] and not d[m]["beyond_interval"], m
+
+
 def test_only_shared_ids_are_paired(tmp_path):
     write(tmp_path, "greedy", [rec(1, ["fork", "knife"], ["fork"]), rec(2, ["dog"], ["dog"])])
     write(tmp_path, "vhr-a2", [rec(1, ["fork"], ["fork"])])  # a run still in progress
