@@ -47,6 +47,17 @@ def oracle_import(name: str):
     return pytest.importorskip(name)
 
 
+def spec_select(d, ta, outlier_rule: bool = True) -> list[int]:
+    """VHR_SPEC 2-3 for one layer, written from the spec's text in numpy (neither vhr_core's C++
+    nor the oracle's torch): D squared as given, the outlier rule with the unbiased std (ddof=1)
+    only when std(D) > 1, then the heads strictly above the median."""
+    d = np.asarray(d, np.float64).copy()
+    ta = np.asarray(ta, np.float64)
+    if outlier_rule and d.std(ddof=1) > 1:
+        d[(d > d.mean() + d.std(ddof=1)) & (ta > ta.mean() + ta.std(ddof=1))] = 0.0
+    return [int(i) for i in np.flatnonzero(d > np.median(d))]
+
+
 # 8 layers so that "auto" is the spec's proportional set {1, 4..7}.
 SPEC = fixtures.TinySpec(n_layer=8, n_embd=64, n_head=4, n_ff=128, seed=0)
 GQA_SPEC = fixtures.TinySpec(n_layer=8, n_embd=64, n_head=4, n_head_kv=2, n_ff=128, seed=1)

@@ -5,22 +5,12 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from conftest import spec_select
 from vhr_edge.engine import load
 from vhr_edge.layers import auto_layers, format_layers, parse_layers
 from vhr_edge.errors import ConfigError
 
 E = load()
-
-
-def numpy_select(d, ta, outlier_rule=True):
-    """VHR_SPEC 2-3 as released, written directly in numpy: D squared, unbiased std (ddof=1),
-    the outlier rule only when std(D) > 1."""
-    d = np.asarray(d, np.float64).copy()
-    ta = np.asarray(ta, np.float64)
-    if outlier_rule and d.std(ddof=1) > 1:
-        out = (d > d.mean() + d.std(ddof=1)) & (ta > ta.mean() + ta.std(ddof=1))
-        d[out] = 0.0
-    return [int(i) for i in np.flatnonzero(d > np.median(d))]
 
 
 def test_score_heads_is_squared_distance_and_squared_norm():
@@ -96,7 +86,7 @@ def test_select_matches_numpy_random(n_head):
             d[: n_head // 2] = d[0]
         guarded += np.std(d.astype(np.float64), ddof=1) <= 1
         for rule in (True, False):
-            assert E.select_heads(d.tolist(), ta.tolist(), rule) == numpy_select(d, ta, rule)
+            assert E.select_heads(d.tolist(), ta.tolist(), rule) == spec_select(d, ta, rule)
     assert guarded > 30  # the guard's branch was exercised
 
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from conftest import GQA_SPEC, SPEC, oracle_import, scene  # noqa: E402
+from conftest import GQA_SPEC, SPEC, oracle_import, scene, spec_select  # noqa: E402
 
 oracle_import("torch")
 oracle_import("transformers")
@@ -68,14 +68,6 @@ def _check_logits_and_tokens(r, o):
     return diff
 
 
-def _spec_select(d, ta, outlier_rule=True):
-    """VHR_SPEC 2-3 in numpy, written from the spec (neither vhr_core's C++ nor the oracle's torch)."""
-    d, ta = np.asarray(d, np.float64).copy(), np.asarray(ta, np.float64)
-    if outlier_rule and d.std(ddof=1) > 1:
-        d[(d > d.mean() + d.std(ddof=1)) & (ta > ta.mean() + ta.std(ddof=1))] = 0.0
-    return [int(i) for i in np.flatnonzero(d > np.median(d))]
-
-
 def _check_vhr(r, o, layers=LAYERS, outlier_rule=True):
     assert sorted(r.vhr.layers) == list(layers)
     n_layer, n_head = r.vhr.vhd.shape
@@ -96,7 +88,7 @@ def _check_vhr(r, o, layers=LAYERS, outlier_rule=True):
     # the selection, from the oracle's own D and TA by the spec's rule: checks the oracle's torch
     # selection and the engine's C++ one against a third form
     for l in layers:
-        expect = _spec_select(o["d"][l], o["ta"][l], outlier_rule)
+        expect = spec_select(o["d"][l], o["ta"][l], outlier_rule)
         assert o["selected_heads"][l] == expect, (l, o["d"][l], o["ta"][l])
         assert r.vhr.selected_heads[l] == expect, (l, r.vhr.selected_heads[l], expect)
     assert all(len(h) > 0 for h in o["selected_heads"].values())

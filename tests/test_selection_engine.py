@@ -20,20 +20,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import scene
+from conftest import scene, spec_select
 
 EXE = [sys.executable, "-m", "vhr_edge.cli"]
 SEEDS = range(12)
-
-
-def spec_select(d, ta, outlier_rule: bool = True) -> list[int]:
-    """VHR_SPEC 2-3 for one layer, from the spec's text."""
-    d = np.asarray(d, np.float64).copy()
-    ta = np.asarray(ta, np.float64)
-    if outlier_rule and d.std(ddof=1) > 1:
-        out = (d > d.mean() + d.std(ddof=1)) & (ta > ta.mean() + ta.std(ddof=1))
-        d[out] = 0.0
-    return [int(i) for i in np.flatnonzero(d > np.median(d))]
 
 
 def layer_scores(vhr, layer):
