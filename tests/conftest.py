@@ -47,6 +47,25 @@ def oracle_import(name: str):
     return pytest.importorskip(name)
 
 
+def kill_after_lines(args: list, path, n_lines: int = 3, env=None, timeout: float = 120.0) -> int:
+    """Start `args`, SIGKILL it once `path` holds n_lines finished lines, and return how many
+    lines were on disk then (the run was killed mid-way; a resumable command is then restarted)."""
+    import signal
+    import subprocess
+    import time
+
+    p = subprocess.Popen([str(a) for a in args], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+    deadline = time.time() + timeout
+    while time.time() < deadline and p.poll() is None:
+        if path.exists() and path.read_bytes().count(b"\n") >= n_lines:
+            os.kill(p.pid, signal.SIGKILL)
+            break
+        time.sleep(0.005)
+    p.wait(timeout=60)
+    assert p.returncode == -signal.SIGKILL, f"the run ended before it could be killed (rc {p.returncode})"
+    return path.read_bytes().count(b"\n")
+
+
 def spec_select(d, ta, outlier_rule: bool = True) -> list[int]:
     """VHR_SPEC 2-3 for one layer, written from the spec's text in numpy (neither vhr_core's C++
     nor the oracle's torch): D squared as given, the outlier rule with the unbiased std (ddof=1)

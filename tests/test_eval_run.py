@@ -6,17 +6,15 @@ from __future__ import annotations
 import json
 import os
 import re
-import signal
 import subprocess
 import sys
-import time
 
 import pytest
 from PIL import Image
 
 from vhr_edge.errors import ConfigError
 from vhr_edge.eval import chair
-from conftest import stderr_lines
+from conftest import kill_after_lines, stderr_lines
 from vhr_edge.eval.data import CocoSource, DataError, TestbedSource, write_ids
 from vhr_edge.eval.run import JsonlStore, run_chair, run_pope
 from vhr_edge.testbed import coco
@@ -215,17 +213,9 @@ def test_subprocess_killed_mid_run_resumes(tiny, tmp_path):
     args = EXE + ["eval", "chair", "--testbed", "counterfactual", "-n", "40", "--seed", "9", "-m", str(text),
                   "--mmproj", str(mmproj), "-t", "1", "--max-tokens", "48", "--out", str(out), "--no-progress"]
     env = {k: v for k, v in os.environ.items() if not k.startswith("VHR_EDGE_")}
-    p = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
     path = out / "chair-vhr-a2.jsonl"
-    deadline = time.time() + 120
-    while time.time() < deadline and p.poll() is None:
-        if path.exists() and path.read_bytes().count(b"\n") >= 3:
-            os.kill(p.pid, signal.SIGKILL)
-            break
-        time.sleep(0.005)
-    p.wait(timeout=60)
-    n_before = path.read_bytes().count(b"\n")
-    assert p.returncode == -signal.SIGKILL and 3 <= n_before < 40  # killed mid-run
+    n_before = kill_after_lines(args, path, 3, env=env)
+    assert 3 <= n_before < 40  # killed mid-run
     r = subprocess.run(args + ["--json"], capture_output=True, text=True, env=env, timeout=180)
     assert r.returncode == 0, r.stderr
     recs = lines(path)

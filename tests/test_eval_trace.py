@@ -6,10 +6,8 @@ from __future__ import annotations
 import json
 import math
 import os
-import signal
 import subprocess
 import sys
-import time
 
 import numpy as np
 import pytest
@@ -22,7 +20,7 @@ from vhr_edge.eval.tvhd import mention_rows, run_trace, summarize
 from vhr_edge.eval.chair import testbed_vocabulary
 from vhr_edge.session import GenerationConfig, VhrConfig
 
-from conftest import scene
+from conftest import kill_after_lines, scene
 
 EXE = [sys.executable, "-m", "vhr_edge.cli"]
 ENV = {k: v for k, v in os.environ.items() if not k.startswith("VHR_EDGE_")}
@@ -180,17 +178,9 @@ def test_cli_batch_trace_killed_and_resumed(tiny, tmp_path):
     args = EXE + ["trace", "--testbed", "counterfactual", "-n", "30", "--seed", "9", "-m", str(text),
                   "--mmproj", str(mmproj), "-t", "1", "--max-tokens", "24", "--no-vhr", "--out", str(out),
                   "--no-progress", "--bootstrap", "50"]
-    p = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=ENV)
     path = out / "trace-greedy.jsonl"
-    deadline = time.time() + 120
-    while time.time() < deadline and p.poll() is None:
-        if path.exists() and path.read_bytes().count(b"\n") >= 3:
-            os.kill(p.pid, signal.SIGKILL)
-            break
-        time.sleep(0.005)
-    p.wait(timeout=60)
-    n_before = path.read_bytes().count(b"\n")
-    assert p.returncode == -signal.SIGKILL and 3 <= n_before < 30
+    n_before = kill_after_lines(args, path, 3, env=ENV)
+    assert 3 <= n_before < 30
     r = subprocess.run(args + ["--json"], capture_output=True, text=True, env=ENV, timeout=180)
     assert r.returncode == 0, r.stderr
     recs = [json.loads(x) for x in path.read_text().splitlines()]
