@@ -9,6 +9,7 @@
 #include "runner.h"
 #include "token_embd.h"
 #include "vhr_core.h"
+#include "weight_fold.h"
 
 namespace py = pybind11;
 
@@ -97,6 +98,24 @@ PYBIND11_MODULE(_engine, m) {
         if (data.ndim() != 2 || n_head <= 0 || data.shape(1) % n_head != 0) throw std::runtime_error("scale_heads: bad shape");
         vhr::scale_heads(data.mutable_data(), data.shape(0), data.shape(1), heads, (int) (data.shape(1) / n_head), alpha);
     }, py::arg("data"), py::arg("heads"), py::arg("n_head"), py::arg("alpha"));
+    m.def("scale_weight_bytes", [](py::array_t<uint8_t, py::array::c_style> data, const std::string & type, int64_t ne0,
+                                   const std::vector<int> & heads, int n_head, float alpha, bool inverse,
+                                   size_t chunk_bytes) {
+        // data: [ne1, bytes per row] of a W_o as the GGUF stores it; scaled in place (weight_fold.h)
+        int t = 0;
+        while (t < GGML_TYPE_COUNT && type != ggml_type_name((ggml_type) t)) ++t;
+        if (t == GGML_TYPE_COUNT || data.ndim() != 2) throw std::runtime_error("scale_weight_bytes: bad type or shape");
+        if (n_head <= 0 || ne0 % n_head != 0) throw std::runtime_error("scale_weight_bytes: ne0 is not n_head heads");
+        std::vector<uint8_t> bytes(data.data(), data.data() + data.size());
+        const bool ok = vhr::scale_weight_bytes(bytes, (ggml_type) t, ne0, data.shape(0), heads, n_head, alpha, inverse,
+                                                chunk_bytes);
+        std::copy(bytes.begin(), bytes.end(), data.mutable_data());
+        return ok;
+    }, py::arg("data"), py::arg("type"), py::arg("ne0"), py::arg("heads"), py::arg("n_head"), py::arg("alpha"),
+       py::arg("inverse") = false, py::arg("chunk_bytes") = 0,
+       "A W_o's bytes folded as the engine folds them, in a ggml CPU buffer: in place (chunk_bytes 0), or "
+       "chunk_bytes at a time through ggml_backend_tensor_get/set as for device memory. "
+       "False (bytes unchanged) if a value would overflow fp16.");
     m.def("auto_layers", &vhr::auto_layers, py::arg("n_layer"));
     m.def("token_embedding_rows", [](const std::string & gguf_path, const std::vector<int32_t> & tokens) {
         const vhr::TokenEmbeddings te(gguf_path);
@@ -125,7 +144,7 @@ PYBIND11_MODULE(_engine, m) {
     py::class_<vhr::Runner>(m, "Runner")
         .def(py::init([](const std::string & model, const std::string & mmproj, int n_threads, int n_gpu_layers,
                          int n_ctx, int flash_attn, bool verbose, int n_threads_batch, int reference_cache_size,
-                         bool clip_class_token_first) {
+                         bool clip_class_token_first, bool use_mmap) {
                  vhr::RunnerParams p;
                  p.model_path = model;
                  p.mmproj_path = mmproj;
@@ -137,13 +156,14 @@ PYBIND11_MODULE(_engine, m) {
                  p.verbose = verbose;
                  p.reference_cache_size = reference_cache_size;
                  p.clip_class_token_first = clip_class_token_first;
+                 p.use_mmap = use_mmap;
                  py::gil_scoped_release release;
                  return new vhr::Runner(p);
              }),
              py::arg("model"), py::arg("mmproj"), py::arg("n_threads") = 0, py::arg("n_gpu_layers") = 0,
              py::arg("n_ctx") = 2048, py::arg("flash_attn") = -1, py::arg("verbose") = false,
              py::arg("n_threads_batch") = 0, py::arg("reference_cache_size") = 16,
-             py::arg("clip_class_token_first") = false)
+             py::arg("clip_class_token_first") = false, py::arg("use_mmap") = true)
         .def("info", &vhr::Runner::info)
         .def("clip_fixes", &vhr::Runner::clip_fixes, "Class-token corrections applied so far (one per image or tile).")
         .def("encode",

@@ -340,6 +340,7 @@ Runner::Runner(const RunnerParams & params) : impl_(new Impl) {
 
     llama_model_params mp = llama_model_default_params();
     mp.n_gpu_layers = params.n_gpu_layers;
+    if (!params.use_mmap) mp.load_mode = LLAMA_LOAD_MODE_NONE;  // read into memory, not mapped
     m.model = llama_model_load_from_file(params.model_path.c_str(), mp);
     if (!m.model) fail("cannot load text model " + params.model_path + ": " + take_last_error());
 

@@ -33,6 +33,7 @@ struct RunnerParams {
     int  n_gpu_layers = 0;     // llama.cpp -ngl; -1 = all
     int  n_ctx        = 2048;  // positions shared by both sequences during the prefill
     int  flash_attn   = -1;    // -1 auto, 0 off, 1 on
+    bool use_mmap     = true;  // llama.cpp --no-mmap: false loads the weights into memory
     bool verbose      = false; // let llama.cpp / libmtmd log to stderr
     int  reference_cache_size = 16;  // text-only references kept (least recently used goes first)
     // Correct llama.cpp's LLaVA vision graph, which appends the class token after the patches

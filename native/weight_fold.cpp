@@ -3,9 +3,12 @@
 #include <cerrno>
 #include <cmath>
 #include <cstdint>
+#include <algorithm>
 #include <cstring>
 #include <memory>
+#include <stdexcept>
 
+#include "ggml-alloc.h"
 #include "ggml-backend.h"
 #include "gguf.h"
 
@@ -39,18 +42,68 @@ inline bool scale_half(ggml_fp16_t & h, int k) {
 
 bool is_block_type(ggml_type t) { return t == GGML_TYPE_Q8_0 || t == GGML_TYPE_Q4_0; }
 
+// Rows of W_o copied to host memory: n rows of ne0 values of `type`, nb1 bytes apart.
+struct HostRows {
+    ggml_type type;
+    int64_t ne0;
+    size_t nb1;
+    char * data;
+    int64_t n;
+};
+
 // Every fp16 value (F16 weights) or fp16 block scale (Q8_0 / Q4_0: the first 2 bytes of a block)
 // in head h's columns of one row.
 template <typename F>
-void for_each_half(ggml_tensor * w, char * row, int h, int head_dim, F && f) {
-    if (is_block_type(w->type)) {
-        const int64_t bs = ggml_blck_size(w->type);
-        const size_t ts = ggml_type_size(w->type);
+void for_each_half(ggml_type type, char * row, int h, int head_dim, F && f) {
+    if (is_block_type(type)) {
+        const int64_t bs = ggml_blck_size(type);
+        const size_t ts = ggml_type_size(type);
         for (int64_t b = h * head_dim / bs; b < (h + 1) * head_dim / bs; ++b) f(reinterpret_cast<ggml_fp16_t *>(row + b * ts));
     } else {
         auto * x = reinterpret_cast<ggml_fp16_t *>(row);
         for (int64_t i = (int64_t) h * head_dim; i < (int64_t) (h + 1) * head_dim; ++i) f(x + i);
     }
+}
+
+// Scale the heads' columns of rows by alpha (1 / alpha with inverse). With check_only nothing is
+// written: the answer says whether every value could be scaled without overflowing fp16.
+bool scale_rows(const HostRows & rows, const std::vector<int> & heads, int n_head, float alpha, bool inverse,
+                bool check_only) {
+    const int head_dim = (int) (rows.ne0 / n_head);
+    if (rows.type == GGML_TYPE_F32) {
+        if (check_only) return true;
+        const float f = inverse ? 1.0f / alpha : alpha;
+        for (int64_t r = 0; r < rows.n; ++r) {
+            auto * x = reinterpret_cast<float *>(rows.data + r * rows.nb1);
+            for (int h : heads) {
+                for (int64_t i = (int64_t) h * head_dim; i < (int64_t) (h + 1) * head_dim; ++i) x[i] *= f;
+            }
+        }
+        return true;
+    }
+    int k = 0;
+    std::frexp(alpha, &k);
+    k -= 1;  // alpha = 2^k
+    if (inverse) k = -k;
+    bool ok = true;
+    for (int64_t r = 0; r < rows.n && ok; ++r) {
+        for (int h : heads) {
+            for_each_half(rows.type, rows.data + r * rows.nb1, h, head_dim, [&](ggml_fp16_t * v) {
+                if (check_only) {
+                    ggml_fp16_t t = *v;
+                    ok = ok && scale_half(t, k);
+                } else {
+                    scale_half(*v, k);
+                }
+            });
+        }
+    }
+    return ok;
+}
+
+// llama.cpp's buffer for weights mmap-ed from the GGUF (read-only until make_private).
+bool file_mapped(const ggml_tensor * w) {
+    return std::string(ggml_backend_buft_name(ggml_backend_buffer_get_type(w->buffer))) == "CPU_Mapped";
 }
 
 }  // namespace
@@ -65,52 +118,66 @@ std::string fold_blocker(const ggml_tensor * w, int n_head) {
     if (w->type != GGML_TYPE_F32 && w->type != GGML_TYPE_F16 && !is_block_type(w->type)) {
         return std::string("W_o is ") + ggml_type_name(w->type) + " (folds: F32, F16, Q8_0, Q4_0)";
     }
-    if (n_head <= 0 || w->ne[0] % n_head != 0 || w->ne[2] != 1 || w->ne[3] != 1) return "W_o has an unexpected shape";
+    if (n_head <= 0 || w->ne[0] % n_head != 0 || w->ne[2] != 1 || w->ne[3] != 1 || !ggml_is_contiguous(w)) {
+        return "W_o has an unexpected shape";
+    }
     const int64_t head_dim = w->ne[0] / n_head;
     if (head_dim % ggml_blck_size(w->type) != 0) return "head_dim is not a multiple of the quantization block";
     if (!w->buffer) return "W_o has no buffer";
-    const std::string buft = ggml_backend_buft_name(ggml_backend_buffer_get_type(w->buffer));
-    if ((buft != "CPU" && buft != "CPU_Mapped") || !ggml_backend_buffer_is_host(w->buffer)) {
-        return "W_o is in a " + buft + " buffer (device memory or a repacked CPU layout)";
+    ggml_backend_buffer_type_t bt = ggml_backend_buffer_get_type(w->buffer);
+    const std::string buft = ggml_backend_buft_name(bt);
+    if (buft == "CPU_Mapped" || buft == "CPU") return "";  // the GGUF's own layout, in host memory
+    // A GPU keeps F16 / Q8_0 / Q4_0 rows as the GGUF has them; get/set move them whole. Not: rows
+    // split over several GPUs (set/get only whole tensors there), SYCL (reorders Q4_0 blocks in
+    // place), and every other CPU buffer (repacked layouts).
+    ggml_backend_dev_t dev = ggml_backend_buft_get_device(bt);
+    const auto type = dev ? ggml_backend_dev_type(dev) : GGML_BACKEND_DEVICE_TYPE_CPU;
+    if (type != GGML_BACKEND_DEVICE_TYPE_GPU && type != GGML_BACKEND_DEVICE_TYPE_IGPU) {
+        return "W_o is in a " + buft + " buffer (a repacked CPU layout)";
     }
+    if (buft.find("Split") != std::string::npos) return "W_o is split over several devices (" + buft + ")";
+    if (buft.rfind("SYCL", 0) == 0) return "W_o is in a " + buft + " buffer (SYCL may reorder quantized blocks)";
     return "";
 }
 
-bool scale_weight_heads(ggml_tensor * w, const std::vector<int> & heads, int n_head, float alpha, bool inverse) {
-    const int head_dim = (int) (w->ne[0] / n_head);
-    char * base = static_cast<char *>(w->data);
-    if (w->type == GGML_TYPE_F32) {
-        const float f = inverse ? 1.0f / alpha : alpha;
-        for (int64_t r = 0; r < w->ne[1]; ++r) {
-            auto * x = reinterpret_cast<float *>(base + r * w->nb[1]);
-            for (int h : heads) {
-                for (int64_t i = (int64_t) h * head_dim; i < (int64_t) (h + 1) * head_dim; ++i) x[i] *= f;
-            }
-        }
-        return true;
+bool scale_weight_heads(ggml_tensor * w, const std::vector<int> & heads, int n_head, float alpha, bool inverse,
+                        size_t chunk_bytes) {
+    // Scaling up is checked first: nothing is written if any fp16 value would overflow.
+    const size_t nb1 = w->nb[1];
+    if (chunk_bytes == 0 && ggml_backend_buffer_is_host(w->buffer)) {
+        const HostRows all{w->type, w->ne[0], nb1, static_cast<char *>(w->data), w->ne[1]};
+        if (!inverse && !scale_rows(all, heads, n_head, alpha, inverse, /*check_only =*/ true)) return false;
+        return scale_rows(all, heads, n_head, alpha, inverse, /*check_only =*/ false);
     }
-    int k = 0;
-    std::frexp(alpha, &k);
-    k -= 1;  // alpha = 2^k
-    if (inverse) k = -k;
-    if (!inverse) {  // an fp16 value that would overflow cannot be folded exactly: check first
-        bool ok = true;
-        for (int64_t r = 0; r < w->ne[1] && ok; ++r) {
-            for (int h : heads) {
-                for_each_half(w, base + r * w->nb[1], h, head_dim, [&](ggml_fp16_t * v) {
-                    ggml_fp16_t t = *v;
-                    ok = ok && scale_half(t, k);
-                });
+    // Device memory: chunks of whole rows read, scaled in host memory and written back.
+    const int64_t chunk = std::max<int64_t>(1, (int64_t) ((chunk_bytes ? chunk_bytes : kFoldChunkBytes) / nb1));
+    std::vector<char> buf((size_t) std::min<int64_t>(chunk, w->ne[1]) * nb1);
+    for (const bool check_only : {true, false}) {
+        if (check_only && inverse) continue;
+        for (int64_t r0 = 0; r0 < w->ne[1]; r0 += chunk) {
+            const int64_t n = std::min<int64_t>(chunk, w->ne[1] - r0);
+            ggml_backend_tensor_get(w, buf.data(), (size_t) r0 * nb1, (size_t) n * nb1);
+            if (!scale_rows({w->type, w->ne[0], nb1, buf.data(), n}, heads, n_head, alpha, inverse, check_only)) {
+                return false;
             }
-        }
-        if (!ok) return false;
-    }
-    for (int64_t r = 0; r < w->ne[1]; ++r) {
-        for (int h : heads) {
-            for_each_half(w, base + r * w->nb[1], h, head_dim, [&](ggml_fp16_t * v) { scale_half(*v, k); });
+            if (!check_only) ggml_backend_tensor_set(w, buf.data(), (size_t) r0 * nb1, (size_t) n * nb1);
         }
     }
     return true;
+}
+
+bool scale_weight_bytes(std::vector<uint8_t> & bytes, ggml_type type, int64_t ne0, int64_t ne1,
+                        const std::vector<int> & heads, int n_head, float alpha, bool inverse, size_t chunk_bytes) {
+    ggml_init_params ip = {/*mem_size =*/ ggml_tensor_overhead(), /*mem_buffer =*/ nullptr, /*no_alloc =*/ true};
+    std::unique_ptr<ggml_context, decltype(&ggml_free)> ctx(ggml_init(ip), ggml_free);
+    ggml_tensor * w = ggml_new_tensor_2d(ctx.get(), type, ne0, ne1);
+    if (bytes.size() != ggml_nbytes(w)) throw std::invalid_argument("scale_weight_bytes: wrong number of bytes");
+    std::unique_ptr<ggml_backend_buffer, decltype(&ggml_backend_buffer_free)> buf(
+        ggml_backend_alloc_ctx_tensors_from_buft(ctx.get(), ggml_backend_cpu_buffer_type()), ggml_backend_buffer_free);
+    ggml_backend_tensor_set(w, bytes.data(), 0, bytes.size());
+    const bool ok = scale_weight_heads(w, heads, n_head, alpha, inverse, chunk_bytes);
+    ggml_backend_tensor_get(w, bytes.data(), 0, bytes.size());
+    return ok;
 }
 
 std::string make_private(const ggml_tensor * w, const std::string & gguf_path) {
@@ -160,7 +227,7 @@ std::string HeadFold::apply(const std::vector<ggml_tensor *> & w_o, const std::v
         if (heads[l].empty()) continue;
         ggml_tensor * w = l < w_o.size() ? w_o[l] : nullptr;
         std::string why = fold_blocker(w, n_head);
-        if (why.empty() && !made_private.count(w)) {
+        if (why.empty() && file_mapped(w) && !made_private.count(w)) {
             why = make_private(w, gguf_path);
             if (why.empty()) made_private.insert(w);
         }

@@ -4,10 +4,13 @@
 // W_o's columns of head h by alpha. For alpha a power of two (> 1) the folded weights are exact:
 // F32 / F16 values, or the fp16 scale of each 32-wide Q8_0 / Q4_0 block (head_dim a multiple of
 // 32). Decoding then needs no callback on those layers, so llama.cpp computes each token's graph
-// in one piece instead of splitting it at every scaled layer. K-quants (256-wide super-blocks),
-// repacked CPU layouts and device buffers are not folded: the callback scales them as before.
+// in one piece instead of splitting it (and, on a GPU, syncing) at every scaled layer.
 //
-// llama.cpp maps the GGUF read-only and shared; before its first fold a W_o tensor's pages are
+// W_o in host memory (mmap-ed, or loaded with --no-mmap) is scaled where it lies; on a GPU (CUDA,
+// Vulkan buffers keep the GGUF's rows) it goes through ggml_backend_tensor_get/set in chunks. K-quants (256-wide super-blocks), repacked CPU layouts, rows split over
+// several GPUs and SYCL buffers are not folded: the callback scales them as before.
+//
+// llama.cpp maps the GGUF read-only and shared; before its first fold a mapped W_o's pages are
 // remapped private (copy-on-write) from the same file, after checking that memory and file hold
 // the same bytes there. Unfolding divides by alpha, which restores every bit.
 #pragma once
@@ -27,9 +30,18 @@ bool alpha_foldable(float alpha);
 // Why w (a W_o of n_head heads) cannot be folded, or "" if it can.
 std::string fold_blocker(const ggml_tensor * w, int n_head);
 
-// Multiply (or, with inverse, divide) the columns of `heads` in every row of w by alpha.
-// Returns false, changing nothing, if a value would overflow.
-bool scale_weight_heads(ggml_tensor * w, const std::vector<int> & heads, int n_head, float alpha, bool inverse);
+// Multiply (or, with inverse, divide) the columns of `heads` in every row of w by alpha. Returns
+// false, changing nothing, if a value would overflow. W_o in host memory is scaled where it lies;
+// elsewhere (a GPU) chunk_bytes of whole rows at a time go through host memory with
+// ggml_backend_tensor_get/set (kFoldChunkBytes when 0; > 0 forces this path, for tests).
+constexpr size_t kFoldChunkBytes = 4u << 20;
+bool scale_weight_heads(ggml_tensor * w, const std::vector<int> & heads, int n_head, float alpha, bool inverse,
+                        size_t chunk_bytes = 0);
+
+// scale_weight_heads on `bytes` (ne1 rows of a W_o of width ne0 and type `type`) placed in a ggml
+// CPU buffer and read back: exactly what a fold does to a tensor (chunk_bytes as there), for tests.
+bool scale_weight_bytes(std::vector<uint8_t> & bytes, ggml_type type, int64_t ne0, int64_t ne1,
+                        const std::vector<int> & heads, int n_head, float alpha, bool inverse, size_t chunk_bytes);
 
 // Make w's bytes writable without touching the file: remap its pages MAP_PRIVATE from the GGUF
 // (once per tensor: HeadFold::apply remembers which are done). Returns "" on success, else why not.

@@ -1,5 +1,5 @@
 """Flags and settings that must change what happens, each checked for its effect (not only that
-it parses): serve --host and --allow-local-files, -fa, $VHR_EDGE_MODEL / $VHR_EDGE_MMPROJ.
+it parses): serve --host and --allow-local-files, -fa, --no-mmap, $VHR_EDGE_MODEL / $VHR_EDGE_MMPROJ.
 (--no-outlier-rule and --random-heads: test_selection_engine.py.)"""
 
 from __future__ import annotations
@@ -108,6 +108,23 @@ def test_flash_attn_changes_the_arithmetic(tiny):
     diff = float(np.abs(out[True] - out[False]).max())
     span = float(out[False].max() - out[False].min())
     assert 0 < diff < 1e-3 * span
+
+
+def test_no_mmap_reaches_llama_cpp_and_the_fold_still_applies(tiny, png):
+    """--no-mmap loads the weights into a plain CPU buffer (llama.cpp's own log line, -v); the
+    caption and VHR's W_o fold are the same as with the mapped GGUF."""
+    out = {}
+    for flag in ([], ["--no-mmap"]):
+        r = subprocess.run(EXE + ["caption", str(png), "-m", str(tiny[0]), "--mmproj", str(tiny[1]), "-n", "8",
+                                  "-t", "2", "-v", "--json", "--no-profile", "--alpha", "2"] + flag,
+                           capture_output=True, text=True, timeout=120, env=clean_env())
+        assert r.returncode == 0, r.stderr[-2000:]
+        buffers = re.findall(r"(\S+) model buffer size", r.stderr)
+        out[bool(flag)] = buffers, json.loads(r.stdout.strip().splitlines()[-1])
+    assert "CPU_Mapped" in out[False][0] and "CPU_Mapped" not in out[True][0] and "CPU" in out[True][0]
+    mapped, loaded = out[False][1], out[True][1]
+    assert loaded["text"] == mapped["text"] and loaded["vhr"]["selected_heads"] == mapped["vhr"]["selected_heads"]
+    assert loaded["vhr"]["decode_scaling"] == mapped["vhr"]["decode_scaling"] == "weights"
 
 
 def test_model_from_the_environment(tiny, png, tmp_path):

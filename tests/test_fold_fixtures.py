@@ -7,7 +7,8 @@ attn_output_scale; for Q8_0 the scaled F16 file quantized the same way), run WIT
 an fp16 value or a Q8_0 block scale by 2 is exact, so the folded decode, the callback decode and
 the scaled model must pick the same tokens. After the caption W_o must be restored bit for bit
 (a plain caption afterwards has the first caption's logits exactly) and the file on disk is
-never written.
+never written. Both with the GGUF mapped and loaded into memory (--no-mmap), where W_o sits in a
+plain ggml buffer and is folded through ggml_backend_tensor_get/set as on a GPU.
 """
 
 from __future__ import annotations
@@ -48,11 +49,14 @@ def run(s, img, **kw):
     return s.caption(img, n_predict=N, ignore_eos=True, keep_logits=True, **kw)
 
 
-def test_fold_matches_the_scaled_model_and_is_undone(pair):
+@pytest.mark.parametrize("use_mmap", [True, False], ids=["mmap", "no-mmap"])
+def test_fold_matches_the_scaled_model_and_is_undone(pair, use_mmap):
+    """Mapped from the GGUF (remapped copy-on-write before the fold) or loaded into memory
+    (--no-mmap: folded in place through ggml-backend, as on a GPU)."""
     kind, text, scaled, mmproj = pair
     img = scene(1)
     digest = sha(text)
-    with Session(text, mmproj, n_threads=2) as s:
+    with Session(text, mmproj, n_threads=2, use_mmap=use_mmap) as s:
         before = run(s, img, vhr=False)
         folded = run(s, img, alpha=ALPHA, layers=sorted(FORCED), forced_heads=FORCED)
         after_fold = run(s, img, vhr=False)

@@ -356,7 +356,8 @@ def open_pool(args, model: Optional[str] = None, mmproj: Optional[str] = None) -
     fa = {"on": True, "off": False, "auto": None}[getattr(args, "flash_attn", "auto")]
     kw = dict(n_threads_batch=getattr(args, "threads_batch", 0), n_gpu_layers=getattr(args, "n_gpu_layers", 0),
               n_ctx=getattr(args, "ctx_size", 2048), flash_attn=fa, verbose=getattr(args, "verbose", False),
-              prompt_template=getattr(args, "template", None))
+              prompt_template=getattr(args, "template", None), image_mode=getattr(args, "image_mode", "pad"),
+              mmproj_as_is=getattr(args, "mmproj_as_is", False), use_mmap=getattr(args, "use_mmap", True))
     return Pool(model, mmproj, args.ray, threads=args.threads, workers=args.workers, session_kw=kw,
                 ship_models=args.ship_models, ship_images=args.ship_images, max_tries=args.max_tries)
 

@@ -57,6 +57,8 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
                    help="layers to offload to the GPU (-1 = all; needs a GPU build of llama-cpp-python)")
     g.add_argument("-c", "--ctx-size", dest="ctx_size", type=int, default=2048, help="context size (default 2048)")
     g.add_argument("-fa", "--flash-attn", dest="flash_attn", choices=["on", "off", "auto"], default="auto")
+    g.add_argument("--no-mmap", dest="use_mmap", action="store_false",
+                   help="load the weights into memory instead of mapping the GGUF (as llama.cpp's --no-mmap)")
     g.add_argument("--image-mode", dest="image_mode", choices=["pad", "crop", "native"], default="pad",
                    help="LLaVA-1.5 preprocessing: pad (as released: padded to a square with the mean colour, "
                         "default), crop (HF CLIPImageProcessor: short side resized, centre cropped) or native "
@@ -131,7 +133,7 @@ def open_session(args):
     fa = {"on": True, "off": False, "auto": None}[args.flash_attn]
     return Session(model, mmproj, n_threads=args.threads, n_threads_batch=args.threads_batch,
                    n_gpu_layers=args.n_gpu_layers,
-                   n_ctx=args.ctx_size, flash_attn=fa, verbose=args.verbose,
+                   n_ctx=args.ctx_size, flash_attn=fa, use_mmap=getattr(args, "use_mmap", True), verbose=args.verbose,
                    prompt_template=getattr(args, "template", None),
                    image_mode=getattr(args, "image_mode", "pad"), mmproj_as_is=getattr(args, "mmproj_as_is", False))
 

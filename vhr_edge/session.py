@@ -174,6 +174,7 @@ class Session:
         n_gpu_layers: int = 0,
         n_ctx: int = 2048,
         flash_attn: Optional[bool] = None,
+        use_mmap: bool = True,
         verbose: bool = False,
         prompt_template: Optional[str] = None,
         reference_cache_size: int = 16,
@@ -187,6 +188,8 @@ class Session:
         image_mode: "pad" (LLaVA-1.5 as released: padded to a square with the mean colour),
         "crop" (HF CLIPImageProcessor: short side resized, centre cropped) or "native" (libmtmd's
         own); anyres (LLaVA-1.6) mmprojs are tiled as LLaVA-1.6 in pad and crop (vhr_edge.preprocess).
+        use_mmap: False loads the weights into memory instead of mapping the GGUF (llama.cpp's
+        --no-mmap); VHR's W_o fold works either way.
         mmproj_as_is: run the mmproj as llama.cpp does, without vhr-edge's corrections of its
         LLaVA vision graph (vhr_edge.mmproj); notice(line) hears about corrections (None: quiet)."""
         if image_mode not in IMAGE_MODES:
@@ -206,7 +209,7 @@ class Session:
                 self.model_path, self.mmproj_load_path, n_threads=n_threads, n_gpu_layers=n_gpu_layers,
                 n_ctx=n_ctx, flash_attn=fa, verbose=verbose, n_threads_batch=n_threads_batch,
                 reference_cache_size=max(1, int(reference_cache_size)),
-                clip_class_token_first=plan.class_token_first and not plan.as_is,
+                clip_class_token_first=plan.class_token_first and not plan.as_is, use_mmap=bool(use_mmap),
             )
         except self._engine.EngineError as e:
             raise ModelError(str(e)) from None
