@@ -314,3 +314,26 @@ def test_run_chair_with_unordered_results_and_failed_rows(tmp_path):
     assert s4 == s3 and len(lines(tmp_path / "chair-t.jsonl")) == 6
     saved = json.loads((tmp_path / "chair-t.summary.json").read_text())
     assert "failed" not in saved and saved["n"] == 5
+
+
+def test_ray_workers_open_the_session_a_local_run_opens(tiny, monkeypatch):
+    """Every Session setting the flags give a local run (flags.open_session) reaches the Ray
+    workers too (cluster.open_pool's session_kw), e.g. --image-mode, --mmproj-as-is, --no-mmap."""
+    from vhr_edge import cli, cluster, flags, session
+
+    text, mmproj = tiny
+    argv = ["eval", "chair", "--testbed", "counterfactual", "-n", "2", "-m", str(text), "--mmproj", str(mmproj),
+            "-t", "1", "-tb", "2", "-c", "512", "-fa", "off", "--image-mode", "crop", "--mmproj-as-is", "--no-mmap",
+            "--template", "llava-1.5", "--ray", "127.0.0.1:1", "--out", "unused"]
+    args = cli.build_parser().parse_args(argv)
+    seen = {}
+    monkeypatch.setattr(session, "Session", lambda model, mmproj, **kw: seen.setdefault("local", (model, mmproj, kw)))
+    monkeypatch.setattr(cluster, "Pool", lambda model, mmproj, address, **kw: seen.setdefault("ray", (model, mmproj, kw)))
+    flags.open_session(args)
+    cluster.open_pool(args)
+    model, mm, local = seen["local"]
+    assert local["image_mode"] == "crop" and local["mmproj_as_is"] and local["use_mmap"] is False
+    r_model, r_mm, ray_kw = seen["ray"]
+    assert (r_model, r_mm) == (model, mm)
+    assert ray_kw["threads"] == local.pop("n_threads") == 1
+    assert ray_kw["session_kw"] == local
