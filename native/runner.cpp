@@ -18,6 +18,7 @@
 #include "backend.h"
 #include "clip_fix.h"
 #include "head_hook.h"
+#include "image_prompt.h"
 #include "text_stream.h"
 #include "token_embd.h"
 #include "vhr_core.h"
@@ -49,13 +50,6 @@ struct Sampler {
     }
     ~Sampler() { llama_sampler_free(chain); }
     llama_token sample(llama_context * ctx, int32_t idx) { return llama_sampler_sample(chain, ctx, idx); }
-};
-
-struct Tokenized {
-    std::unique_ptr<mtmd_input_chunks, decltype(&mtmd_input_chunks_free)> chunks{mtmd_input_chunks_init(), mtmd_input_chunks_free};
-    std::vector<llama_token> prefix, suffix;    // text before / after the image
-    const mtmd_input_chunk * image_chunk = nullptr;
-    int64_t n_image_tokens = 0;
 };
 
 struct Batch {
@@ -188,89 +182,6 @@ struct Runner::Impl {
         return ref_cache.front().ref;
     }
 
-    // The prompt split around its one image: [text chunk] [image chunk] [text chunk]. The image
-    // is a placeholder (no pixels): only the text tokens are wanted here; the rows come from
-    // encode_images, or from the caller.
-    Tokenized tokenize(const std::string & prompt, const std::string & prompt_template) {
-        const std::string image_tag = "<image>";
-        const size_t at = prompt_template.find(image_tag);
-        if (at == std::string::npos || prompt_template.find(image_tag, at + 1) != std::string::npos) {
-            fail("the prompt template must contain \"<image>\" exactly once");
-        }
-        std::string text = prompt_template.substr(0, at) + mtmd_default_marker() + prompt_template.substr(at + image_tag.size());
-        const size_t pp = text.find("{prompt}");
-        if (pp != std::string::npos) text.replace(pp, 8, prompt);
-
-        std::unique_ptr<mtmd_bitmap, decltype(&mtmd_bitmap_free)> bitmap(mtmd_bitmap_init(1, 1, nullptr), mtmd_bitmap_free);
-        Tokenized tk;
-        mtmd_input_text in_text = {text.c_str(), text.size(), /*add_special =*/ true, /*parse_special =*/ true};
-        const mtmd_bitmap * bitmaps[] = {bitmap.get()};
-        if (mtmd_tokenize(mtmd, tk.chunks.get(), &in_text, bitmaps, 1) != 0) {
-            fail("libmtmd could not tokenize the prompt: " + take_last_error());
-        }
-        for (size_t i = 0; i < mtmd_input_chunks_size(tk.chunks.get()); ++i) {
-            const mtmd_input_chunk * c = mtmd_input_chunks_get(tk.chunks.get(), i);
-            const auto type = mtmd_input_chunk_get_type(c);
-            if (type == MTMD_INPUT_CHUNK_TYPE_TEXT) {
-                size_t n = 0;
-                const llama_token * toks = mtmd_input_chunk_get_tokens_text(c, &n);
-                auto & dst = tk.image_chunk ? tk.suffix : tk.prefix;
-                dst.insert(dst.end(), toks, toks + n);
-            } else if (type == MTMD_INPUT_CHUNK_TYPE_IMAGE && !tk.image_chunk) {
-                tk.image_chunk = c;
-            } else {
-                fail("the prompt must produce exactly one image chunk");
-            }
-        }
-        if (!tk.image_chunk) fail("libmtmd produced no image chunk");
-        if (mtmd_decode_use_non_causal(mtmd, tk.image_chunk)) fail("this mmproj needs non-causal image attention; not LLaVA-style");
-        if (tk.prefix.empty()) fail("the prompt needs at least one token before the image (BOS)");
-        tk.n_image_tokens = (int64_t) mtmd_input_chunk_get_n_tokens(tk.image_chunk);
-        return tk;
-    }
-
-    // Run the vision encoder + projector on each image as libmtmd prepares it (its own resize/pad;
-    // an image of the mmproj's size is used as it is), all image chunks in order: one per LLaVA-1.5
-    // image, the tiles then the overview for an anyres (LLaVA-1.6) mmproj. Rows appended to `out`.
-    void encode_images(const std::vector<RgbImage> & images, std::vector<float> & out, int64_t & n_tokens, double * ms) {
-        const auto t0 = Clock::now();
-        n_tokens = 0;
-        out.clear();
-        for (const RgbImage & image : images) {
-            if (image.nx == 0 || image.ny == 0 || image.data == nullptr) fail("empty image");
-            std::unique_ptr<mtmd_bitmap, decltype(&mtmd_bitmap_free)> bitmap(
-                mtmd_bitmap_init(image.nx, image.ny, image.data), mtmd_bitmap_free);
-            std::unique_ptr<mtmd_input_chunks, decltype(&mtmd_input_chunks_free)> chunks(mtmd_input_chunks_init(), mtmd_input_chunks_free);
-            const std::string marker = mtmd_default_marker();
-            mtmd_input_text in_text = {marker.c_str(), marker.size(), /*add_special =*/ false, /*parse_special =*/ true};
-            const mtmd_bitmap * bitmaps[] = {bitmap.get()};
-            if (mtmd_tokenize(mtmd, chunks.get(), &in_text, bitmaps, 1) != 0) {
-                fail("libmtmd could not prepare the image: " + take_last_error());
-            }
-            for (size_t i = 0; i < mtmd_input_chunks_size(chunks.get()); ++i) {
-                const mtmd_input_chunk * c = mtmd_input_chunks_get(chunks.get(), i);
-                if (mtmd_input_chunk_get_type(c) != MTMD_INPUT_CHUNK_TYPE_IMAGE) {
-                    if (mtmd_input_chunk_get_n_tokens(c) == 0) continue;
-                    fail("libmtmd put text tokens between the image's parts; not a LLaVA-style mmproj");
-                }
-                const int fixed_before = clip_fix.n_fixed;
-                clip_fix.error.clear();
-                if (mtmd_encode_chunk(mtmd, c) != 0) fail("libmtmd failed to encode the image: " + take_last_error());
-                if (!clip_fix.error.empty()) fail("class-token correction: " + clip_fix.error);
-                if (clip_fix.class_token_first && clip_fix.n_fixed == fixed_before) {
-                    fail("class-token correction armed but the vision graph has no class-token concat "
-                         "(a llama.cpp other than llama-cpp-python 0.3.36's?); run with --mmproj-as-is");
-                }
-                const int64_t n = (int64_t) mtmd_input_chunk_get_n_tokens(c);
-                const float * rows = mtmd_get_output_embd(mtmd);
-                out.insert(out.end(), rows, rows + n * n_embd);
-                n_tokens += n;
-            }
-        }
-        if (n_tokens == 0) fail("libmtmd produced no image rows");
-        if (ms) *ms = ms_since(t0);
-    }
-
     void arm_hook(const VhrParams & v, bool trace) {
         hook.phase = HeadHook::Phase::idle;
         hook.n_layer = n_layer;
@@ -386,10 +297,10 @@ ImageEmbedding Runner::embed_image(const RgbImage & image, const std::string & p
                                    const std::string & prompt_template) {
     Impl & m = *impl_;
     std::lock_guard<std::mutex> lock(m.busy);
-    const Tokenized tk = m.tokenize(prompt, prompt_template);
+    const PromptTokens tk = tokenize_prompt(m.mtmd, prompt, prompt_template);
     ImageEmbedding e;
     int64_t n = 0;
-    m.encode_images({image}, e.rows, n, nullptr);
+    encode_images(m.mtmd, m.clip_fix, m.n_embd, {image}, e.rows, n, nullptr);
     e.prefix.assign(tk.prefix.begin(), tk.prefix.end());
     e.suffix.assign(tk.suffix.begin(), tk.suffix.end());
     e.n_tokens = (int) n;
@@ -401,7 +312,7 @@ std::vector<float> Runner::encode(const std::vector<RgbImage> & images, int64_t 
     Impl & m = *impl_;
     std::lock_guard<std::mutex> lock(m.busy);
     std::vector<float> rows;
-    m.encode_images(images, rows, n_tokens, ms);
+    encode_images(m.mtmd, m.clip_fix, m.n_embd, images, rows, n_tokens, ms);
     return rows;
 }
 
@@ -494,7 +405,7 @@ Result Runner::caption_rows(const float * img, int64_t n_image_rows, double imag
     m.validate(vhr, gen);
     if (img == nullptr || n_image_rows < 1) fail("no image rows");
 
-    const Tokenized tk = m.tokenize(prompt, prompt_template);
+    const PromptTokens tk = tokenize_prompt(m.mtmd, prompt, prompt_template);
     const std::vector<llama_token> & prefix = tk.prefix;
     const std::vector<llama_token> & suffix = tk.suffix;
 
