@@ -265,7 +265,8 @@ def test_missing_ray_extra_is_one_line(tiny, tmp_path):
 def test_cluster_flags_need_ray(tiny, tmp_path):
     r = cli("eval", "chair", "-n", "2", "--out", tmp_path, "--workers", "2")
     assert r.returncode == 1 and r.stderr.strip() == (
-        "vhr-edge: error: --workers, --ship-images, --ship-models and --max-tries go with --ray ADDRESS")
+        "vhr-edge: error: --workers, --ship-images, --ship-models, --max-tries and --start-timeout go with "
+        "--ray ADDRESS")
 
 
 def test_unreachable_cluster_is_one_line(tmp_path):
@@ -337,3 +338,65 @@ def test_ray_workers_open_the_session_a_local_run_opens(tiny, monkeypatch):
     assert (r_model, r_mm) == (model, mm)
     assert ray_kw["threads"] == local.pop("n_threads") == 1
     assert ray_kw["session_kw"] == local
+
+
+class FakeRay:
+    """Just enough of ray for Pool.map_unordered: refs named "unit:*" finish, "start:*" never do
+    (a replacement actor for which the cluster has no room); "unit:dies" is a lost actor."""
+
+    class exceptions:
+        class RayActorError(Exception):
+            pass
+
+        class RayTaskError(Exception):
+            pass
+
+    def __init__(self):
+        self.timeouts = []
+
+    def wait(self, refs, num_returns=1, timeout=None):
+        self.timeouts.append(timeout)
+        done = [r for r in refs if r.startswith("unit:")]
+        return done[:1], [r for r in refs if r not in done[:1]]
+
+    def get(self, ref):
+        if ref == "unit:dies":
+            raise self.exceptions.RayActorError()
+        return {"text": ref, "timings": {}, "stop_reason": "eos"}
+
+    def kill(self, handle):
+        pass
+
+
+def test_no_worker_left_to_start_stops_the_run_instead_of_waiting_forever():
+    """The only actor dies and its replacement never starts (no room on the cluster): after
+    --start-timeout the run stops with one line; what finished before was handed back."""
+    import collections
+    import types
+
+    from vhr_edge import cluster
+    from vhr_edge.errors import VhrEdgeError
+
+    ray = FakeRay()
+    pool = cluster.Pool.__new__(cluster.Pool)
+    never = types.SimpleNamespace(info=types.SimpleNamespace(remote=lambda: "start:replacement"))
+    pool.__dict__.update(ray=ray, _handles={0: "actor0"}, _starting={}, _idle=collections.deque([0]), _next_id=1,
+                         _spares=1, lost=0, last_error="", infos={0: {}}, peak_rss_mb=0.0, max_tries=3,
+                         start_timeout=0.05, _new=lambda: never)
+    refs = iter(["unit:first", "unit:dies"])
+    got = []
+    with pytest.raises(VhrEdgeError, match=r"no Ray worker started within 0.05 s for the last 2 units .*run the same"):
+        for i, out in pool.map_unordered(["a", "b", "c"], lambda handle, unit: next(refs)):
+            got.append((i, out["text"]))
+    assert got == [(0, "unit:first")]
+    assert pool.lost == 1 and list(pool._starting) == ["start:replacement"]
+    assert ray.timeouts == [None, None, 0.05]  # no timeout while a unit runs
+
+
+def test_start_timeout_needs_ray_and_a_positive_value(tiny, tmp_path):
+    base = ["eval", "chair", "--testbed", "counterfactual", "-n", "2", "-m", tiny[0], "--mmproj", tiny[1],
+            "--out", tmp_path]
+    r = cli(*base, "--start-timeout", "5")
+    assert r.returncode == 1 and r.stderr.strip().endswith("--start-timeout go with --ray ADDRESS")
+    r = cli(*base, "--start-timeout", "0", "--ray", "127.0.0.1:1")
+    assert r.returncode == 1 and r.stderr.strip() == "vhr-edge: error: --start-timeout must be > 0 seconds, got 0"

@@ -43,6 +43,7 @@ from .errors import ConfigError, ImageError, ModelError, VhrEdgeError
 EXTRA = "cluster"
 DEFAULT_THREADS = 4  # -t per actor under --ray when -t is not given (capped at the largest node)
 DEFAULT_TRIES = 3
+DEFAULT_START_TIMEOUT_S = 600.0  # for a worker to start while no other one is running
 
 
 def import_ray():
@@ -67,13 +68,19 @@ def add_args(p) -> None:
                    help="copy the model files to each node once, sha256 checked (default: the same path on every node)")
     g.add_argument("--max-tries", type=int, default=DEFAULT_TRIES,
                    help=f"tries per unit before it is written as a failed row ({DEFAULT_TRIES})")
+    g.add_argument("--start-timeout", type=float, default=DEFAULT_START_TIMEOUT_S, metavar="S",
+                   help="seconds to wait for a worker to start while no other is running, e.g. when a lost "
+                        "node leaves no room for its replacement; then the run stops, the finished units "
+                        f"saved ({DEFAULT_START_TIMEOUT_S:g})")
 
 
 def check_args(args) -> None:
     """Usage checks of the cluster flags (before anything is loaded or connected)."""
     if args.ray is None:
-        if args.workers or args.ship_images or args.ship_models or args.max_tries != DEFAULT_TRIES:
-            raise ConfigError("--workers, --ship-images, --ship-models and --max-tries go with --ray ADDRESS")
+        if (args.workers or args.ship_images or args.ship_models or args.max_tries != DEFAULT_TRIES
+                or args.start_timeout != DEFAULT_START_TIMEOUT_S):
+            raise ConfigError("--workers, --ship-images, --ship-models, --max-tries and --start-timeout go with "
+                              "--ray ADDRESS")
         return
     if not args.ray.strip():
         raise ConfigError("--ray needs an address: HOST:PORT, or auto")
@@ -81,6 +88,8 @@ def check_args(args) -> None:
         raise ConfigError(f"--workers must be >= 1, got {args.workers}")
     if args.max_tries < 1:
         raise ConfigError(f"--max-tries must be >= 1, got {args.max_tries}")
+    if not args.start_timeout > 0:
+        raise ConfigError(f"--start-timeout must be > 0 seconds, got {args.start_timeout:g}")
     import_ray()  # a missing extra is reported before any model is looked at
 
 
@@ -132,10 +141,11 @@ class Pool:
 
     def __init__(self, model: str, mmproj: str, address: str, *, threads: int = 0, workers: int = 0,
                  session_kw: Optional[dict] = None, ship_models: bool = False, ship_images: bool = False,
-                 max_tries: int = DEFAULT_TRIES, cache_dir: Optional[str] = None):
+                 max_tries: int = DEFAULT_TRIES, cache_dir: Optional[str] = None,
+                 start_timeout: float = DEFAULT_START_TIMEOUT_S):
         self.ray = ray = connect(address)
         self.model_path, self.mmproj_path = model, mmproj
-        self.ship_images, self.max_tries = ship_images, max_tries
+        self.ship_images, self.max_tries, self.start_timeout = ship_images, max_tries, start_timeout
         cpus = [int(n["Resources"].get("CPU", 0)) for n in ray.nodes() if n.get("Alive")]
         biggest = max(cpus, default=0)
         if biggest < 1:
@@ -178,7 +188,10 @@ class Pool:
             while not self.infos:  # the first loaded model answers the questions about it
                 if not self._starting:
                     raise VhrEdgeError(f"no Ray worker could start (last error: {self.last_error})")
-                ready, _ = ray.wait(list(self._starting), num_returns=1)
+                ready, _ = ray.wait(list(self._starting), num_returns=1, timeout=start_timeout)
+                if not ready:
+                    raise VhrEdgeError(f"no Ray worker started within {start_timeout:g} s (is there a node with "
+                                       f"{self.threads} free CPUs?)")
                 self._started(ready[0])
         except BaseException:
             self.close()
@@ -259,7 +272,13 @@ class Pool:
             if not inflight and not self._starting:
                 raise VhrEdgeError(f"no Ray worker left for the last {len(todo)} units (last error: {last_error}); "
                                    "the finished ones are saved: run the same command again to continue")
-            ready, _ = ray.wait(list(inflight) + list(self._starting), num_returns=1)
+            # with nothing running, only a worker that starts can go on: not forever
+            ready, _ = ray.wait(list(inflight) + list(self._starting), num_returns=1,
+                                timeout=None if inflight else self.start_timeout)
+            if not ready:
+                raise VhrEdgeError(f"no Ray worker started within {self.start_timeout:g} s for the last {len(todo)} "
+                                   f"units (last error: {last_error or 'none'}); the finished ones are saved: run "
+                                   "the same command again to continue")
             ref = ready[0]
             if ref in self._starting:
                 self._started(ref)
@@ -359,7 +378,8 @@ def open_pool(args, model: Optional[str] = None, mmproj: Optional[str] = None) -
               prompt_template=getattr(args, "template", None), image_mode=getattr(args, "image_mode", "pad"),
               mmproj_as_is=getattr(args, "mmproj_as_is", False), use_mmap=getattr(args, "use_mmap", True))
     return Pool(model, mmproj, args.ray, threads=args.threads, workers=args.workers, session_kw=kw,
-                ship_models=args.ship_models, ship_images=args.ship_images, max_tries=args.max_tries)
+                ship_models=args.ship_models, ship_images=args.ship_images, max_tries=args.max_tries,
+                start_timeout=args.start_timeout)
 
 
 def open_runner(args):
