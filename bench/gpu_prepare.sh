@@ -37,7 +37,7 @@ if [[ -z "$SDIST" ]]; then
   done
 fi
 if [[ -z "$SDIST" ]]; then
-  "$PY" -m pip download -q --no-deps --no-binary :all: -d "$work/dl" "llama-cpp-python==$LLAMA_VERSION"
+  "$PY" -m pip download -q --no-deps --no-binary llama-cpp-python -d "$work/dl" "llama-cpp-python==$LLAMA_VERSION"
   SDIST=$(ls "$work"/dl/llama_cpp_python-$LLAMA_VERSION.tar.gz)
 fi
 echo "sdist: $SDIST"
