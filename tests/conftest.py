@@ -9,7 +9,11 @@ from __future__ import annotations
 
 import functools
 import importlib
+import json
 import os
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -127,3 +131,26 @@ def stderr_lines(stderr: str) -> list[str]:
     corrects llama.cpp's LLaVA vision graph (the tiny fixture's CLIP tower has a class token, so
     the class-token correction applies to it; vhr_edge/mmproj.py)."""
     return [l for l in stderr.strip().splitlines() if "correcting llama.cpp's LLaVA vision graph" not in l]
+
+
+# ---- the CLI as a user runs it: a child process, without this machine's vhr-edge / Ray settings
+
+EXE = [sys.executable, "-m", "vhr_edge.cli"]
+
+
+def clean_env(**extra) -> dict:
+    """os.environ without $VHR_EDGE_* and $RAY_* (a developer's own model or cluster), plus extra."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("VHR_EDGE_", "RAY_"))}
+    env.update(extra)
+    return env
+
+
+def cli(*args, timeout: float = 300, extra_env: dict | None = None) -> subprocess.CompletedProcess:
+    """`vhr-edge ARGS` in a clean environment; output captured as text."""
+    return subprocess.run(EXE + [str(a) for a in args], capture_output=True, text=True, timeout=timeout,
+                          env=clean_env(**(extra_env or {})))
+
+
+def lines(path) -> list:
+    """The JSON objects of a JSONL file."""
+    return [json.loads(x) for x in Path(path).read_text().splitlines()]

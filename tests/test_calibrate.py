@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
 from argparse import Namespace
 
 import pytest
@@ -20,9 +19,8 @@ from vhr_edge.eval import DEFAULT_N, DEFAULT_SEED
 from vhr_edge.eval.data import CocoSource, TestbedSource, write_ids
 from vhr_edge.profile import load_profile, profile_for_model
 
-from conftest import SPEC
+from conftest import EXE, SPEC
 
-EXE = [sys.executable, "-m", "vhr_edge.cli"]
 N = 40  # images in the hand-made tables
 
 

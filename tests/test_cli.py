@@ -10,7 +10,6 @@ import json
 import os
 import re
 import subprocess
-import sys
 from dataclasses import replace
 from pathlib import Path
 
@@ -20,9 +19,7 @@ from PIL import Image
 
 from vhr_edge import fixtures
 
-from conftest import SPEC, scene, stderr_lines
-
-EXE = [sys.executable, "-m", "vhr_edge.cli"]
+from conftest import EXE, SPEC, scene, stderr_lines
 
 
 def run(*args, timeout=120):

@@ -24,21 +24,9 @@ import pytest
 from raycluster import LocalCluster
 from vhr_edge import fixtures
 
-EXE = [sys.executable, "-m", "vhr_edge.cli"]
+from conftest import EXE, clean_env, cli, lines
+
 N = 24
-
-
-def env():
-    return {k: v for k, v in os.environ.items() if not k.startswith(("VHR_EDGE_", "RAY_"))}
-
-
-def cli(*args, timeout=300, extra_env=None):
-    return subprocess.run(EXE + [str(a) for a in args], capture_output=True, text=True, timeout=timeout,
-                          env={**env(), **(extra_env or {})})
-
-
-def lines(path):
-    return [json.loads(x) for x in Path(path).read_text().splitlines()]
 
 
 def captions(path) -> dict:
@@ -120,7 +108,7 @@ def _wait_lines(path: Path, k: int, p: subprocess.Popen, timeout: float = 240) -
 def test_killed_actor_units_go_to_another(cluster, tiny, local_run, tmp_path):
     local, summary = local_run
     p = subprocess.Popen(EXE + [str(a) for a in chair_args(tiny, tmp_path, "--ray", cluster.address, "--workers", "2")],
-                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env())
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=clean_env())
     path = tmp_path / "chair-greedy.jsonl"
     _wait_lines(path, 3, p)
     busy = []
@@ -141,7 +129,7 @@ def test_killed_actor_units_go_to_another(cluster, tiny, local_run, tmp_path):
 def test_killed_driver_resumes(cluster, tiny, local_run, tmp_path):
     local, summary = local_run
     args = chair_args(tiny, tmp_path, "--ray", cluster.address, "--workers", "2")
-    p = subprocess.Popen(EXE + [str(a) for a in args], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env())
+    p = subprocess.Popen(EXE + [str(a) for a in args], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=clean_env())
     path = tmp_path / "chair-greedy.jsonl"
     _wait_lines(path, 3, p)
     os.kill(p.pid, signal.SIGKILL)
@@ -255,7 +243,7 @@ def test_missing_ray_extra_is_one_line(tiny, tmp_path):
     for args in (["eval", "chair", "-n", "2", "-m", str(text), "--mmproj", str(mmproj), "--out", str(tmp_path / "o")],
                  ["compare", "-m", str(text), "--mmproj", str(mmproj), "--out", str(tmp_path / "c")]):
         r = subprocess.run([sys.executable, "-c", code, *args, "--ray", "127.0.0.1:6379"], capture_output=True,
-                           text=True, timeout=120, env=env())
+                           text=True, timeout=120, env=clean_env())
         assert r.returncode == 1
         assert r.stderr.strip() == ("vhr-edge: error: --ray needs Ray, the optional extra 'cluster': "
                                     "pip install 'vhr-edge[cluster]'")

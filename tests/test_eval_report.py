@@ -2,7 +2,6 @@
 
 import json
 import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -11,7 +10,7 @@ from vhr_edge.errors import ConfigError
 from vhr_edge.eval.report import read_runs, report
 from vhr_edge.profile_rule import bootstrap_ci
 
-EXE = [sys.executable, "-m", "vhr_edge.cli"]
+from conftest import EXE
 
 
 def rec(i, mentioned, gt, caption="a b c"):

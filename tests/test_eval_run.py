@@ -7,30 +7,19 @@ import json
 import os
 import re
 import subprocess
-import sys
 
 import pytest
 from PIL import Image
 
 from vhr_edge.errors import ConfigError
 from vhr_edge.eval import chair
-from conftest import kill_after_lines, stderr_lines
+from conftest import EXE, cli, kill_after_lines, lines, stderr_lines
 from vhr_edge.eval.data import CocoSource, DataError, TestbedSource, write_ids
 from vhr_edge.eval.run import JsonlStore, run_chair, run_pope
 from vhr_edge.testbed import coco
 
-EXE = [sys.executable, "-m", "vhr_edge.cli"]
 SUMMARY_KEYS = {"n", "chair_s", "chair_i", "recall", "mean_len"}
 LINE_KEYS = {"image_id", "caption", "gt_objects", "mentioned", "hallucinated", "timings"}
-
-
-def cli(*args, timeout=180):
-    env = {k: v for k, v in os.environ.items() if not k.startswith("VHR_EDGE_")}
-    return subprocess.run(EXE + [str(a) for a in args], capture_output=True, text=True, timeout=timeout, env=env)
-
-
-def lines(path):
-    return [json.loads(x) for x in path.read_text().splitlines()]
 
 
 def fake_caption(item):

@@ -20,9 +20,8 @@ from vhr_edge.eval.tvhd import mention_rows, run_trace, summarize
 from vhr_edge.eval.chair import testbed_vocabulary
 from vhr_edge.session import GenerationConfig, VhrConfig
 
-from conftest import kill_after_lines, scene
+from conftest import EXE, kill_after_lines, scene
 
-EXE = [sys.executable, "-m", "vhr_edge.cli"]
 ENV = {k: v for k, v in os.environ.items() if not k.startswith("VHR_EDGE_")}
 
 

@@ -11,9 +11,6 @@ from __future__ import annotations
 
 import csv
 import json
-import os
-import subprocess
-import sys
 
 import pytest
 from PIL import Image
@@ -23,16 +20,7 @@ from vhr_edge.eval import chair, pope
 from vhr_edge.eval.data import TestbedSource
 from vhr_edge.eval.run import run_chair, run_pope
 
-EXE = [sys.executable, "-m", "vhr_edge.cli"]
-
-
-def cli(*args, timeout=300):
-    env = {k: v for k, v in os.environ.items() if not k.startswith("VHR_EDGE_")}
-    return subprocess.run(EXE + [str(a) for a in args], capture_output=True, text=True, timeout=timeout, env=env)
-
-
-def lines(path):
-    return [json.loads(x) for x in path.read_text().splitlines()]
+from conftest import cli, lines
 
 
 # --- hand-worked values ------------------------------------------------------------------------

@@ -7,26 +7,16 @@ from __future__ import annotations
 import base64
 import http.client
 import json
-import os
 import re
 import shutil
 import signal
 import socket
 import subprocess
-import sys
 
 import pytest
 from PIL import Image
 
-from conftest import scene
-
-EXE = [sys.executable, "-m", "vhr_edge.cli"]
-
-
-def clean_env(**extra) -> dict:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("VHR_EDGE_")}
-    env.update(extra)
-    return env
+from conftest import EXE, clean_env, scene
 
 
 @pytest.fixture(scope="module")

@@ -8,7 +8,6 @@ import csv
 import json
 import os
 import subprocess
-import sys
 
 import pytest
 from PIL import Image
@@ -18,14 +17,7 @@ from vhr_edge.errors import ConfigError
 from vhr_edge.profile import (Profile, load_profile, profile_for_model, profile_from_json, resolve,
                               save_profile)
 
-from conftest import SPEC, scene, stderr_lines
-
-EXE = [sys.executable, "-m", "vhr_edge.cli"]
-
-
-def cli(*args, timeout=180):
-    env = {k: v for k, v in os.environ.items() if not k.startswith("VHR_EDGE_")}
-    return subprocess.run(EXE + [str(a) for a in args], capture_output=True, text=True, timeout=timeout, env=env)
+from conftest import EXE, SPEC, cli, scene, stderr_lines
 
 
 def make_profile(model="m.gguf", layers=(0, 1, 2, 3), alpha=3.0, **kw) -> Profile:

@@ -14,15 +14,13 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
 
 import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import scene, spec_select
+from conftest import EXE, scene, spec_select
 
-EXE = [sys.executable, "-m", "vhr_edge.cli"]
 SEEDS = range(12)
 
 

@@ -14,7 +14,6 @@ import os
 import re
 import signal
 import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
@@ -22,15 +21,10 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from conftest import scene
+from conftest import EXE, clean_env, scene
 from test_serve import chat, data_uri, png, request, running
 
-EXE = [sys.executable, "-m", "vhr_edge.cli"]
 LONG = 2048  # tokens: the tiny model never stops early; several seconds of decoding
-
-
-def clean_env() -> dict:
-    return {k: v for k, v in os.environ.items() if not k.startswith("VHR_EDGE_")}
 
 
 def post(port, body, timeout=300):
