@@ -154,3 +154,39 @@ def cli(*args, timeout: float = 300, extra_env: dict | None = None) -> subproces
 def lines(path) -> list:
     """The JSON objects of a JSONL file."""
     return [json.loads(x) for x in Path(path).read_text().splitlines()]
+
+
+def hf_image_and_text_forward(model, prefix, rows, tail, layers, o_proj_hook):
+    """One uncached transformers forward of the image prompt [prefix, image rows, tail] and its
+    text-only counterpart [prefix, tail] as a right-padded batch of two. o_proj_hook(layer, a,
+    last0, last1) sees the o_proj input a ([2, positions, n_embd]) of each layer in `layers` and
+    the two sequences' last positions; what it returns (if not None) replaces a. Returns the
+    image sequence's logits at its last position."""
+    import torch
+
+    emb = model.get_input_embeddings()
+    with torch.no_grad():
+        pre = emb(torch.as_tensor(list(prefix), dtype=torch.long))
+        txt = emb(torch.as_tensor(list(tail), dtype=torch.long))
+        seq0 = torch.cat([pre, torch.as_tensor(np.asarray(rows, np.float32)), txt])
+        seq1 = torch.cat([pre, txt])
+        L0, L1 = seq0.shape[0], seq1.shape[0]
+        x = torch.zeros(2, L0, seq0.shape[1])
+        x[0], x[1, :L1] = seq0, seq1
+        mask = torch.zeros(2, L0, dtype=torch.long)
+        mask[0], mask[1, :L1] = 1, 1
+
+        def pre_hook_for(layer):
+            def pre_hook(mod, args):
+                a = o_proj_hook(layer, args[0], L0 - 1, L1 - 1)
+                return None if a is None else (a,) + args[1:]
+            return pre_hook
+
+        hs = [model.model.layers[l].self_attn.o_proj.register_forward_pre_hook(pre_hook_for(l)) for l in layers]
+        try:
+            out = model(inputs_embeds=x, attention_mask=mask, position_ids=torch.arange(L0).repeat(2, 1),
+                        use_cache=False)
+        finally:
+            for h in hs:
+                h.remove()
+    return out.logits[0, L0 - 1].float().numpy()

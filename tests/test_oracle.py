@@ -14,7 +14,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from conftest import GQA_SPEC, SPEC, oracle_import, scene, spec_select  # noqa: E402
+from conftest import GQA_SPEC, SPEC, hf_image_and_text_forward, oracle_import, scene, spec_select  # noqa: E402
 
 oracle_import("torch")
 oracle_import("transformers")
@@ -200,35 +200,13 @@ def test_loaders_agree(tiny, hf):
 def _hf_step_vhd(model, prefix, rows, suffix, done):
     """VHD of every layer's heads at the last position of (image prompt + done) vs
     (text-only prompt + done), from one uncached batched forward: the trace's reference."""
-    import torch
-
     n_layer, n_head = model.config.num_hidden_layers, model.config.num_attention_heads
-    emb = model.get_input_embeddings()
-    with torch.no_grad():
-        tail = emb(torch.as_tensor(list(suffix) + list(done), dtype=torch.long))
-        pre = emb(torch.as_tensor(list(prefix), dtype=torch.long))
-        seq0 = torch.cat([pre, torch.as_tensor(np.asarray(rows, np.float32)), tail])
-        seq1 = torch.cat([pre, tail])
-        L0, L1 = seq0.shape[0], seq1.shape[0]
-        x = torch.zeros(2, L0, seq0.shape[1])
-        x[0], x[1, :L1] = seq0, seq1
-        mask = torch.zeros(2, L0, dtype=torch.long)
-        mask[0], mask[1, :L1] = 1, 1
-        out = np.zeros((n_layer, n_head), np.float32)
+    out = np.zeros((n_layer, n_head), np.float32)
 
-        def hook(layer):
-            def pre_hook(mod, args):
-                a = args[0]
-                d = (a[0, L0 - 1] - a[1, L1 - 1]).reshape(n_head, -1).double()
-                out[layer] = d.norm(dim=1).numpy()
-            return pre_hook
+    def record(layer, a, last0, last1):
+        out[layer] = (a[0, last0] - a[1, last1]).reshape(n_head, -1).double().norm(dim=1).numpy()
 
-        hs = [model.model.layers[l].self_attn.o_proj.register_forward_pre_hook(hook(l)) for l in range(n_layer)]
-        try:
-            model(inputs_embeds=x, attention_mask=mask, position_ids=torch.arange(L0).repeat(2, 1), use_cache=False)
-        finally:
-            for h in hs:
-                h.remove()
+    hf_image_and_text_forward(model, prefix, rows, list(suffix) + list(done), range(n_layer), record)
     return out
 
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from conftest import SPEC, oracle_import, scene
+from conftest import SPEC, hf_image_and_text_forward, oracle_import, scene
 
 torch = oracle_import("torch")
 oracle_import("transformers")
@@ -156,47 +156,26 @@ def joint_reference(model, prefix, rows, suffix, layers, alpha=2.0):
     image prompt and the text-only prompt as a padded batch of two; at each VHR layer the heads
     are scored between the two last positions, selected by the spec's rule and scaled in every
     position of BOTH sequences. Returns (first logits, sqrt(D) per layer, heads per layer)."""
-    cfg = model.config
-    n_head = cfg.num_attention_heads
-    emb = model.get_input_embeddings()
-    with torch.no_grad():
-        pre = emb(torch.as_tensor(prefix, dtype=torch.long))
-        suf = emb(torch.as_tensor(suffix, dtype=torch.long))
-        seq0 = torch.cat([pre, torch.as_tensor(np.asarray(rows, np.float32)), suf])
-        seq1 = torch.cat([pre, suf])
-        L0, L1 = seq0.shape[0], seq1.shape[0]
-        x = torch.zeros(2, L0, seq0.shape[1])
-        x[0], x[1, :L1] = seq0, seq1
-        mask = torch.zeros(2, L0, dtype=torch.long)
-        mask[0], mask[1, :L1] = 1, 1
-        vhd, heads = {}, {}
+    n_head = model.config.num_attention_heads
+    vhd, heads = {}, {}
 
-        def hook(layer):
-            def pre_hook(mod, args):
-                a = args[0]
-                hd = a.shape[-1] // n_head
-                diff = (a[0, L0 - 1] - a[1, L1 - 1]).reshape(n_head, hd).double()
-                ref = a[1, L1 - 1].reshape(n_head, hd).double()
-                d = (diff ** 2).sum(-1).numpy().astype(np.float32)
-                ta = (ref ** 2).sum(-1).numpy().astype(np.float32)
-                dd, tt = d.astype(np.float64), ta.astype(np.float64)
-                if dd.std(ddof=1) > 1:
-                    dd[(dd > dd.mean() + dd.std(ddof=1)) & (tt > tt.mean() + tt.std(ddof=1))] = 0.0
-                heads[layer] = [int(i) for i in np.flatnonzero(dd > np.median(dd))]
-                vhd[layer] = np.sqrt(d)
-                scale = torch.ones(n_head)
-                scale[heads[layer]] = alpha
-                return (a * scale.repeat_interleave(hd),) + args[1:]
-            return pre_hook
+    def reinforce(layer, a, last0, last1):
+        hd = a.shape[-1] // n_head
+        diff = (a[0, last0] - a[1, last1]).reshape(n_head, hd).double()
+        ref = a[1, last1].reshape(n_head, hd).double()
+        d = (diff ** 2).sum(-1).numpy().astype(np.float32)
+        ta = (ref ** 2).sum(-1).numpy().astype(np.float32)
+        dd, tt = d.astype(np.float64), ta.astype(np.float64)
+        if dd.std(ddof=1) > 1:
+            dd[(dd > dd.mean() + dd.std(ddof=1)) & (tt > tt.mean() + tt.std(ddof=1))] = 0.0
+        heads[layer] = [int(i) for i in np.flatnonzero(dd > np.median(dd))]
+        vhd[layer] = np.sqrt(d)
+        scale = torch.ones(n_head)
+        scale[heads[layer]] = alpha
+        return a * scale.repeat_interleave(hd)
 
-        hs = [model.model.layers[l].self_attn.o_proj.register_forward_pre_hook(hook(l)) for l in layers]
-        try:
-            out = model(inputs_embeds=x, attention_mask=mask, position_ids=torch.arange(L0).repeat(2, 1),
-                        use_cache=False)
-        finally:
-            for h in hs:
-                h.remove()
-    return out.logits[0, L0 - 1].float().numpy(), vhd, heads
+    first = hf_image_and_text_forward(model, prefix, rows, suffix, layers, reinforce)
+    return first, vhd, heads
 
 
 @pytest.mark.parametrize("seed", [1, 2])
