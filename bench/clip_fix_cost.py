@@ -20,10 +20,10 @@ import time
 from pathlib import Path
 
 import numpy as np
+from PIL import Image
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "bench"))
-sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))  # overhead.models_7b
 
 
 def main() -> int:
@@ -45,8 +45,7 @@ def main() -> int:
         model, mmproj = a.model, a.mmproj
         if model is None:
             ap.error("--mmproj needs -m (the text model it goes with)")
-    img = np.asarray(__import__("PIL.Image", fromlist=["Image"]).open(ROOT / "examples/fork_without_knife.png")
-                     .convert("RGB").resize((336, 336)))
+    img = np.asarray(Image.open(ROOT / "examples/fork_without_knife.png").convert("RGB").resize((336, 336)))
     sessions = {name: Session(model, mmproj, n_threads=a.threads, mmproj_as_is=as_is, notice=None)
                 for name, as_is in (("corrected", False), ("as_is", True))}
     plan = sessions["corrected"].mmproj_plan
