@@ -362,22 +362,17 @@ class _Work:
 
 def open_pool(args, model: Optional[str] = None, mmproj: Optional[str] = None) -> Pool:
     """The Pool of the model and cluster flags (model/mmproj: instead of -m/--mmproj)."""
-    from .flags import find_mmproj, resolve_models
+    from .flags import find_mmproj, resolve_models, session_kwargs
 
-    if getattr(args, "ctx_size", 2048) < 64:
-        raise ConfigError(f"-c/--ctx-size must be at least 64, got {args.ctx_size}")
+    kw = session_kwargs(args)
+    threads = kw.pop("n_threads")  # per actor: the Pool decides (and reserves) it
     if model is None:
         model, mmproj = resolve_models(args)
     elif mmproj is None:
         mmproj = find_mmproj(model)
         if mmproj is None:
             raise ModelError(f"no --mmproj given and no single *mmproj*.gguf beside {model}")
-    fa = {"on": True, "off": False, "auto": None}[getattr(args, "flash_attn", "auto")]
-    kw = dict(n_threads_batch=getattr(args, "threads_batch", 0), n_gpu_layers=getattr(args, "n_gpu_layers", 0),
-              n_ctx=getattr(args, "ctx_size", 2048), flash_attn=fa, verbose=getattr(args, "verbose", False),
-              prompt_template=getattr(args, "template", None), image_mode=getattr(args, "image_mode", "pad"),
-              mmproj_as_is=getattr(args, "mmproj_as_is", False), use_mmap=getattr(args, "use_mmap", True))
-    return Pool(model, mmproj, args.ray, threads=args.threads, workers=args.workers, session_kw=kw,
+    return Pool(model, mmproj, args.ray, threads=threads, workers=args.workers, session_kw=kw,
                 ship_models=args.ship_models, ship_images=args.ship_images, max_tries=args.max_tries,
                 start_timeout=args.start_timeout)
 

@@ -121,21 +121,30 @@ def resolve_models(args) -> tuple[str, str]:
     return model, mmproj
 
 
+def session_kwargs(args) -> dict:
+    """Session's keyword arguments from the model flags (add_model_args), n_threads included:
+    the one mapping a local run (open_session) and the Ray workers (cluster.open_pool) share.
+    A flag the command does not have (compare has only -t) takes add_model_args' default."""
+    defaults = argparse.ArgumentParser(add_help=False)
+    add_model_args(defaults)
+    a = argparse.Namespace(**{**vars(defaults.parse_args([])), **vars(args)})
+    if a.ctx_size < 64:
+        raise ConfigError(f"-c/--ctx-size must be at least 64, got {a.ctx_size}")
+    return dict(n_threads=a.threads, n_threads_batch=a.threads_batch, n_gpu_layers=a.n_gpu_layers,
+                n_ctx=a.ctx_size, flash_attn={"on": True, "off": False, "auto": None}[a.flash_attn],
+                use_mmap=a.use_mmap, verbose=a.verbose, prompt_template=a.template,
+                image_mode=a.image_mode, mmproj_as_is=a.mmproj_as_is)
+
+
 def open_session(args):
     from .engine import load
     from .session import Session
 
     load()  # a broken or mismatched llama.cpp install is the first thing to report
 
-    if args.ctx_size < 64:
-        raise ConfigError(f"-c/--ctx-size must be at least 64, got {args.ctx_size}")
+    kw = session_kwargs(args)
     model, mmproj = resolve_models(args)
-    fa = {"on": True, "off": False, "auto": None}[args.flash_attn]
-    return Session(model, mmproj, n_threads=args.threads, n_threads_batch=args.threads_batch,
-                   n_gpu_layers=args.n_gpu_layers,
-                   n_ctx=args.ctx_size, flash_attn=fa, use_mmap=getattr(args, "use_mmap", True), verbose=args.verbose,
-                   prompt_template=getattr(args, "template", None),
-                   image_mode=getattr(args, "image_mode", "pad"), mmproj_as_is=getattr(args, "mmproj_as_is", False))
+    return Session(model, mmproj, **kw)
 
 
 def resolve_vhr(args, announce: bool = True):
